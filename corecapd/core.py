@@ -1,0 +1,306 @@
+"""The decision core: scans in, events out. No clock, no I/O, no logging.
+
+`JobTable.step(processes, now)` takes what one scan observed and returns the events it
+implies: jobs started (rule matched, cores allocated, budget set), changed, ended, and
+violations begun or resolved. The daemon applies `JobTable.jobs` through an enforcement
+backend and sends the events to the journal. Processes are keyed by (pid, start time), so a
+reused PID is a new process.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from corecapd.allocator import Holding, allocate
+from corecapd.budget import Budget, thread_budget
+from corecapd.events import (
+    Event,
+    JobChanged,
+    JobEnded,
+    JobStarted,
+    ViolationEnded,
+    ViolationStarted,
+)
+from corecapd.matching import classify, loads_library
+from corecapd.model import Observed, ProcKey
+from corecapd.policy import Policy, Rule
+from corecapd.violations import Transition, ViolationState
+
+VIOLATION_HISTORY = 1000
+
+
+@dataclass
+class ViolationRecord:
+    pid: int
+    rule: str
+    threads: int  # the peak while it lasted
+    budget: int
+    started: float
+    ended: float | None = None
+
+
+@dataclass
+class Job:
+    """A matched process and its descendants, holding one set of cores."""
+
+    id: ProcKey  # the matched (root) process
+    user: str
+    rule: Rule
+    started_at: float
+    members: set[ProcKey]
+    cpus: frozenset[int] = frozenset()
+    notes: tuple[str, ...] = ()
+    tensorflow: bool = False
+    budget: Budget = field(default_factory=lambda: Budget(0, "unset"))
+    threads: int = 0
+    cpu_percent: float = 0.0
+    violation: ViolationState = field(default_factory=ViolationState)
+    record: ViolationRecord | None = None
+    cpu_seconds: dict[ProcKey, float] = field(default_factory=dict)
+    sampled_at: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.id.pid
+
+
+class JobTable:
+    def __init__(
+        self, policy: Policy, online_cpus: frozenset[int], daemon_pid: int, enforcing: bool
+    ) -> None:
+        self.online_cpus = online_cpus
+        self.daemon_pid = daemon_pid
+        self.enforcing = enforcing
+        self.jobs: dict[ProcKey, Job] = {}
+        self.violations: deque[ViolationRecord] = deque(maxlen=VIOLATION_HISTORY)
+        self.libraries_wanted: frozenset[ProcKey] = frozenset()
+        self._member_of: dict[ProcKey, ProcKey] = {}
+        self._ignored: set[ProcKey] = set()
+        self._waiting: set[ProcKey] = set()  # classification may change once libraries load
+        self._reallocate = False
+        self.policy = policy
+        self.eligible_cpus = eligible_cpus(policy, online_cpus)
+
+    def replace_policy(self, policy: Policy) -> None:
+        """Adopt a validated policy: every process is classified afresh on the next step."""
+        self.policy = policy
+        self.eligible_cpus = eligible_cpus(policy, online_cpus=self.online_cpus)
+        self._ignored.clear()
+        self._reallocate = True
+
+    def step(self, processes: Mapping[ProcKey, Observed], now: float) -> list[Event]:
+        events: list[Event] = []
+        alive = processes.keys()
+        self._ignored &= alive
+        self._waiting &= alive
+        for job in list(self.jobs.values()):
+            gone = job.members - alive
+            job.members -= gone
+            for key in gone:
+                del self._member_of[key]
+                job.cpu_seconds.pop(key, None)
+            if not job.members:
+                events += self._end(job, now, "exited", live_pids=())
+
+        if self._reallocate:
+            events += self._reclassify_jobs(processes, now)
+
+        pid_keys = {key.pid: key for key in alive}
+        known = self._ignored | self._waiting | self._member_of.keys()
+        for key in sorted(alive - known, key=lambda k: (k.start_ticks, k.pid)):
+            parent = pid_keys.get(processes[key].sample.ppid)
+            if parent is not None and parent in self._member_of:
+                self._join(self.jobs[self._member_of[parent]], key)
+            else:
+                events += self._classify(processes[key], now)
+
+        for key in self._waiting & known:  # those first seen now were just classified
+            events += self._classify(processes[key], now)
+
+        for job in self.jobs.values():
+            events += self._sample(job, processes, now)
+
+        self.libraries_wanted = frozenset(
+            self._waiting
+            | {j.id for j in self.jobs.values() if not j.tensorflow and self._in_grace(j, now)}
+        )
+        return events
+
+    # -- classification and allocation ---------------------------------------------------
+
+    def _classify(self, process: Observed, now: float) -> list[Event]:
+        key = process.key
+        found = self._match(process, now)
+        job = self.jobs.get(key)
+        if found is None:
+            if job is not None:
+                return self._end(job, now, "no rule matches any more", tuple(self._pids(job)))
+            if key not in self._waiting:
+                self._ignored.add(key)
+            return []
+        if job is None:
+            job = Job(
+                id=key,
+                user=process.identity.user,
+                rule=found,
+                started_at=process.sample.started_at,
+                members=set(),
+            )
+            self.jobs[key] = job
+            self._join(job, key)
+            self._note_libraries(job, process)
+            return [self._place(job, JobStarted)]
+        self._note_libraries(job, process)
+        if found != job.rule:
+            job.rule = found
+            return [self._place(job, JobChanged)]
+        return []
+
+    def _match(self, process: Observed, now: float) -> Rule | None:
+        """The rule for `process` now; keeps it waiting while `loads` may still change that."""
+        found = classify(process, self.policy.rules, self.daemon_pid)
+        settled = now - process.sample.started_at >= self.policy.defaults.grace
+        if found.waiting_on_libraries and not settled:
+            self._waiting.add(process.key)
+        else:
+            self._waiting.discard(process.key)
+        return found.rule
+
+    def _reclassify_jobs(self, processes: Mapping[ProcKey, Observed], now: float) -> list[Event]:
+        """After a reload: rules, caps and reserved CPUs may all have changed."""
+        self._reallocate = False
+        events: list[Event] = []
+        previous = {job.id: (job.rule, job.cpus, job.budget) for job in self.jobs.values()}
+        for job in self.jobs.values():
+            job.cpus = frozenset()
+        for job in sorted(self.jobs.values(), key=lambda j: j.started_at):
+            root = processes.get(job.id)
+            found = self._match(root, now) if root is not None else job.rule
+            if found is None:
+                events += self._end(job, now, "no rule matches any more", tuple(self._pids(job)))
+                continue
+            job.rule = found
+            placed = self._place(job, JobChanged)
+            if previous[job.id] != (job.rule, job.cpus, job.budget):
+                events.append(placed)
+        return events
+
+    def _place(self, job: Job, event: type[JobStarted]) -> JobStarted:
+        """Allocate cores and set the budget for `job` as its rule now says."""
+        holdings = [
+            Holding(other.user, other.cpus)
+            for other in self.jobs.values()
+            if other is not job and other.cpus
+        ]
+        limits = self.policy.users.get(job.user)
+        grant = allocate(
+            job.rule.cpus,
+            job.user,
+            self.eligible_cpus,
+            holdings,
+            limits.max_cpus if limits else None,
+        )
+        job.cpus, job.notes = grant.cpus, grant.notes
+        self._set_budget(job)
+        return event(
+            **self._facts(job),
+            budget_basis=job.budget.basis,
+            notes=job.notes,
+            enforced=self.enforcing,
+        )
+
+    def _set_budget(self, job: Job) -> None:
+        job.budget = thread_budget(
+            len(job.cpus),
+            job.tensorflow,
+            job.rule.max_threads,
+            self.policy.defaults.thread_slack,
+        )
+
+    def _note_libraries(self, job: Job, process: Observed) -> None:
+        if job.tensorflow or process.libraries is None:
+            return
+        if loads_library(process.libraries, "tensorflow"):
+            job.tensorflow = True
+            self._set_budget(job)
+
+    def _join(self, job: Job, key: ProcKey) -> None:
+        job.members.add(key)
+        self._member_of[key] = job.id
+
+    def _end(self, job: Job, now: float, reason: str, live_pids: tuple[int, ...]) -> list[Event]:
+        for key in job.members:
+            del self._member_of[key]
+        self._waiting.discard(job.id)
+        del self.jobs[job.id]
+        events: list[Event] = []
+        if job.record is not None:  # leaving the job ends its violation too
+            events.append(self._resolve(job, now))
+        events.append(JobEnded(**self._facts(job), reason=reason, live_pids=live_pids))
+        return events
+
+    def _resolve(self, job: Job, now: float) -> ViolationEnded:
+        assert job.record is not None
+        record, job.record = job.record, None
+        record.ended = now
+        return ViolationEnded(
+            **self._facts(job), peak_threads=record.threads, duration=now - record.started
+        )
+
+    @staticmethod
+    def _facts(job: Job) -> dict[str, Any]:
+        """The fields every job event carries."""
+        return dict(
+            pid=job.pid,
+            user=job.user,
+            rule=job.rule.name,
+            cpus=job.cpus,
+            threads=job.threads,
+            budget=job.budget.threads,
+        )
+
+    @staticmethod
+    def _pids(job: Job) -> Iterable[int]:
+        return sorted(key.pid for key in job.members)
+
+    # -- monitoring ----------------------------------------------------------------------
+
+    def _in_grace(self, job: Job, now: float) -> bool:
+        return now - job.started_at < self.policy.defaults.grace
+
+    def _sample(self, job: Job, processes: Mapping[ProcKey, Observed], now: float) -> list[Event]:
+        samples = [processes[key].sample for key in job.members]
+        job.threads = sum(s.threads for s in samples)
+        cpu_now = {s.key: s.cpu_seconds for s in samples}
+        if job.sampled_at is not None and now > job.sampled_at:
+            used = sum(
+                cpu_now[key] - job.cpu_seconds[key] for key in cpu_now if key in job.cpu_seconds
+            )
+            job.cpu_percent = max(0.0, 100.0 * used / (now - job.sampled_at))
+        job.cpu_seconds, job.sampled_at = cpu_now, now
+
+        if self._in_grace(job, now):
+            return []
+        if job.record is not None:
+            job.record.threads = max(job.record.threads, job.threads)
+        over = job.threads > job.budget.threads
+        job.violation, transition = job.violation.observe(
+            over, self.policy.defaults.violation_after
+        )
+        if transition is Transition.ONSET:
+            job.record = ViolationRecord(
+                job.pid, job.rule.name, job.threads, job.budget.threads, started=now
+            )
+            self.violations.append(job.record)
+            return [ViolationStarted(**self._facts(job))]
+        if transition is Transition.RESOLVED and job.record is not None:
+            return [self._resolve(job, now)]
+        return []
+
+
+def eligible_cpus(policy: Policy, online_cpus: frozenset[int]) -> frozenset[int]:
+    """CPUs jobs may get: online and not reserved. Empty means the policy cannot work here."""
+    return online_cpus - policy.daemon.reserved_cpus

@@ -1,0 +1,171 @@
+"""corecapctl: who holds which cores, who is over budget, and policy checks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from corecapd.client import DaemonUnreachable, call
+from corecapd.cpulist import format_cpulist
+from corecapd.policy import DEFAULT_POLICY_PATH, DEFAULT_SOCKET, PolicyError, load_policy
+from corecapd.protocol import ProtocolError, RemoteError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (DaemonUnreachable, RemoteError, ProtocolError) as err:
+        print(f"corecapctl: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corecapctl", description="Query and control corecapd, the CPU core budget daemon."
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        help=f"corecapd's socket (default: daemon.socket of {DEFAULT_POLICY_PATH},"
+        f" else {DEFAULT_SOCKET})",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    status = commands.add_parser("status", help="jobs, their cores, threads and budgets")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(run=_status)
+
+    violations = commands.add_parser("violations", help="over-budget episodes, latest last")
+    violations.add_argument("--json", action="store_true", help="machine-readable output")
+    violations.set_defaults(run=_violations)
+
+    check = commands.add_parser("check", help="validate a policy file (no daemon needed)")
+    check.add_argument("file", type=Path)
+    check.set_defaults(run=_check)
+
+    reload = commands.add_parser("reload", help="make corecapd re-read its policy (root)")
+    reload.set_defaults(run=_reload)
+    return parser
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    if args.socket is not None:
+        return Path(args.socket)
+    try:
+        return Path(load_policy(DEFAULT_POLICY_PATH).daemon.socket)
+    except PolicyError:
+        return Path(DEFAULT_SOCKET)
+
+
+def _status(args: argparse.Namespace) -> int:
+    document = call(_socket(args), "status")
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    print(format_status(document))
+    return 0
+
+
+def _violations(args: argparse.Namespace) -> int:
+    records = call(_socket(args), "violations")
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    print(format_violations(records))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as err:
+        print(f"corecapctl: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK, {len(policy.rules)} rules, mode {policy.daemon.mode}")
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    print(call(_socket(args), "reload"))
+    return 0
+
+
+def format_status(document: dict[str, Any]) -> str:
+    host = document["host"]
+    reserved = format_cpulist(host["reserved_cpus"]) or "none"
+    lines = [
+        f"corecapd: mode {host['mode']}, backend {host['backend']}, policy {host['policy']}",
+        f"CPUs for jobs {format_cpulist(host['eligible_cpus'])} (reserved {reserved});"
+        f" {host['jobs']} jobs, {host['violations']} over budget",
+    ]
+    rows = [
+        [
+            str(job["pid"]),
+            job["user"],
+            job["rule"],
+            format_cpulist(job["cpus"]),
+            f"{job['threads']}/{job['budget']}",
+            f"{job['cpu_percent']:.1f}",
+            job["state"],
+            _age(job["age"]),
+        ]
+        for job in document["jobs"]
+    ]
+    header = ["PID", "USER", "RULE", "CPUS", "THREADS/BUDGET", "CPU%", "STATE", "AGE"]
+    if rows:
+        lines += ["", *_table(header, rows)]
+    return "\n".join(lines)
+
+
+def format_violations(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return "no violations recorded"
+    rows = [
+        [
+            str(r["pid"]),
+            r["rule"],
+            str(r["threads"]),
+            str(r["budget"]),
+            _clock(r["started"]),
+            _clock(r["ended"]) if r["ended"] is not None else "ongoing",
+        ]
+        for r in records
+    ]
+    return "\n".join(_table(["PID", "RULE", "PEAK", "BUDGET", "STARTED", "ENDED"], rows))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    right = {0}  # PIDs read best right-aligned, like ps
+    return [
+        "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def _age(seconds: float) -> str:
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""What the daemon reports: one event type per kind, each with a fixed journal MESSAGE_ID.
+
+Events are data; `corecapd.journal` sends them. `fields()` gives the structured journal
+fields (CORECAP_*), which are also what the readable stderr line shows, so tests and
+`journalctl -o verbose` see the same facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from corecapd.cpulist import format_cpulist
+
+# syslog priorities, as journald takes them
+ERR, WARNING, NOTICE, INFO = 3, 4, 5, 6
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str]
+    message_id: ClassVar[str]  # fixed per kind, for `journalctl MESSAGE_ID=...`
+    priority: ClassVar[int] = INFO
+
+    def message(self) -> str:
+        raise NotImplementedError
+
+    def fields(self) -> dict[str, str]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class DaemonStarted(Event):
+    kind = "daemon-started"
+    message_id = "3d0d0216cb5f4ac6bafc72933e39e281"
+    policy: str
+    mode: str
+    backend: str
+    eligible_cpus: frozenset[int]
+
+    def message(self) -> str:
+        return (
+            f"corecapd started: policy {self.policy}, mode {self.mode}, backend {self.backend},"
+            f" job CPUs {format_cpulist(self.eligible_cpus)}"
+        )
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "CORECAP_POLICY": self.policy,
+            "CORECAP_MODE": self.mode,
+            "CORECAP_BACKEND": self.backend,
+            "CORECAP_CPUS": format_cpulist(self.eligible_cpus),
+        }
+
+
+@dataclass(frozen=True)
+class PolicyReloaded(Event):
+    kind = "policy-reloaded"
+    message_id = "559675ee84bd4ebe9925755b2f66486e"
+    policy: str
+    rules: int
+
+    def message(self) -> str:
+        return f"policy reloaded from {self.policy}: {self.rules} rules"
+
+    def fields(self) -> dict[str, str]:
+        return {"CORECAP_POLICY": self.policy, "CORECAP_RULES": str(self.rules)}
+
+
+@dataclass(frozen=True)
+class PolicyRejected(Event):
+    kind = "policy-rejected"
+    message_id = "1f2d47a8bea0483aaa0adf731e8ba92e"
+    priority = ERR
+    policy: str
+    error: str
+
+    def message(self) -> str:
+        return f"reload rejected, the policy in force stays: {self.error}"
+
+    def fields(self) -> dict[str, str]:
+        return {"CORECAP_POLICY": self.policy, "CORECAP_ERROR": self.error}
+
+
+@dataclass(frozen=True)
+class JobEvent(Event):
+    """Something that happened to one job; the fields every job event carries."""
+
+    pid: int
+    user: str
+    rule: str
+    cpus: frozenset[int]
+    threads: int
+    budget: int
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "CORECAP_PID": str(self.pid),
+            "CORECAP_USER": self.user,
+            "CORECAP_RULE": self.rule,
+            "CORECAP_CPUS": format_cpulist(self.cpus),
+            "CORECAP_THREADS": str(self.threads),
+            "CORECAP_BUDGET": str(self.budget),
+        }
+
+
+@dataclass(frozen=True)
+class JobStarted(JobEvent):
+    kind = "job-started"
+    message_id = "dc214601c3c645908795eeb97baebb60"
+    budget_basis: str
+    notes: tuple[str, ...]
+    enforced: bool
+
+    def message(self) -> str:
+        verb = "confined" if self.enforced else "would confine (monitor mode)"
+        text = (
+            f"PID {self.pid} ({self.user}, rule {self.rule}) {verb} to CPUs"
+            f" {format_cpulist(self.cpus)}; budget {self.budget} threads ({self.budget_basis})"
+        )
+        return text + "".join(f"; {note}" for note in self.notes)
+
+    def fields(self) -> dict[str, str]:
+        return super().fields() | {
+            "CORECAP_BUDGET_BASIS": self.budget_basis,
+            "CORECAP_NOTES": "; ".join(self.notes),
+            "CORECAP_ENFORCED": "1" if self.enforced else "0",
+        }
+
+
+@dataclass(frozen=True)
+class JobChanged(JobStarted):
+    kind = "job-changed"
+    message_id = "dc825a52c8b744728f07607b1c61cbda"
+
+
+@dataclass(frozen=True)
+class JobEnded(JobEvent):
+    kind = "job-ended"
+    message_id = "48427d6496df45c1ab75e19e447df6b6"
+    reason: str
+    live_pids: tuple[int, ...]  # members still running: the backend must let them go
+
+    def message(self) -> str:
+        cpus = format_cpulist(self.cpus)
+        return f"PID {self.pid} (rule {self.rule}) released CPUs {cpus}: {self.reason}"
+
+    def fields(self) -> dict[str, str]:
+        return super().fields() | {"CORECAP_REASON": self.reason}
+
+
+@dataclass(frozen=True)
+class ViolationStarted(JobEvent):
+    kind = "violation-started"
+    message_id = "949e558bffc54b94af9af70301abaaab"
+    priority = WARNING
+
+    def message(self) -> str:
+        return (
+            f"PID {self.pid} (rule {self.rule}) over budget: {self.threads} threads,"
+            f" budget {self.budget}, on CPUs {format_cpulist(self.cpus)}"
+        )
+
+
+@dataclass(frozen=True)
+class ViolationEnded(JobEvent):
+    kind = "violation-ended"
+    message_id = "2542ec2e938d4a48a87c906de9d3bab1"
+    priority = NOTICE
+    peak_threads: int
+    duration: float
+
+    def message(self) -> str:
+        return (
+            f"PID {self.pid} (rule {self.rule}) back within budget: {self.threads} threads,"
+            f" budget {self.budget}; peak {self.peak_threads} over {self.duration:.1f} s"
+        )
+
+    def fields(self) -> dict[str, str]:
+        return super().fields() | {
+            "CORECAP_PEAK_THREADS": str(self.peak_threads),
+            "CORECAP_DURATION": f"{self.duration:.3f}",
+        }
+
+
+@dataclass(frozen=True)
+class EnforcementFailed(JobEvent):
+    kind = "enforcement-failed"
+    message_id = "fcd14043e687484fb557197f9a09592b"
+    priority = ERR
+    error: str
+
+    def message(self) -> str:
+        return f"PID {self.pid} (rule {self.rule}) could not be confined: {self.error}"
+
+    def fields(self) -> dict[str, str]:
+        return super().fields() | {"CORECAP_ERROR": self.error}

@@ -1,0 +1,61 @@
+"""Where events go: the journal with structured fields under systemd, readable lines otherwise.
+
+Also the service manager's notifications (READY, STATUS, WATCHDOG, RELOADING, STOPPING).
+systemd-python drops journal messages silently when there is no journald, so the choice is
+made from $JOURNAL_STREAM, which systemd sets when our stderr is the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import TextIO
+
+import systemd.daemon
+import systemd.journal
+
+from corecapd.events import Event
+
+SYSLOG_IDENTIFIER = "corecapd"
+
+
+def under_journal() -> bool:
+    return bool(os.environ.get("JOURNAL_STREAM"))
+
+
+class Reporter:
+    def __init__(self, to_journal: bool, stream: TextIO = sys.stderr) -> None:
+        self.to_journal = to_journal
+        self.stream = stream
+
+    def emit(self, event: Event) -> None:
+        fields = event.fields()
+        if self.to_journal:
+            systemd.journal.send(
+                event.message(),
+                MESSAGE_ID=event.message_id,
+                PRIORITY=str(event.priority),
+                SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER,
+                CORECAP_EVENT=event.kind,
+                **fields,
+            )
+            return
+        details = " ".join(
+            f"{k.removeprefix('CORECAP_').lower()}={_quote(v)}" for k, v in fields.items()
+        )
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.stream.write(
+            f"{stamp} corecapd[{os.getpid()}]: {event.kind}: {event.message()} | {details}\n"
+        )
+        self.stream.flush()
+
+    def notify(self, *states: str) -> None:
+        """sd_notify; a no-op when not started by systemd (no $NOTIFY_SOCKET)."""
+        systemd.daemon.notify("\n".join(states))
+
+
+def _quote(value: str) -> str:
+    safe = value and not any(c.isspace() or c in '"|=' for c in value)
+    return value if safe else json.dumps(value)

@@ -1,0 +1,73 @@
+"""Which rule, if any, a process falls under. Pure: data in, decision out."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from corecapd.model import Identity, Observed
+from corecapd.policy import Match, Rule
+
+# Accounts below this uid are system services: never touched unless a rule names the user.
+FIRST_REGULAR_UID = 1000
+
+# Interpreter names as Debian, pyenv, conda and venvs install them (python, python3,
+# python3.11, python3.13t, pypy3). exe, not comm: comm is the script name for shebang scripts.
+_PYTHON_EXE = re.compile(r"^(python|pypy)[0-9.]*[a-z]?$")
+
+
+def is_python(identity: Identity) -> bool:
+    return bool(_PYTHON_EXE.match(os.path.basename(identity.exe)))
+
+
+def loads_library(libraries: Iterable[str], wanted: str) -> bool:
+    """`wanted` names a library by a part of its file name: "tensorflow" finds
+    libtensorflow_framework.so.2 and _pywrap_tensorflow_internal.so."""
+    return any(wanted in library for library in libraries)
+
+
+@dataclass(frozen=True)
+class Classification:
+    rule: Rule | None
+    # A rule ahead of (or instead of) the winner failed only on `loads` with the process's
+    # libraries not read yet or still loading: the answer may change on a later read.
+    waiting_on_libraries: bool
+
+
+def classify(process: Observed, rules: Iterable[Rule], daemon_pid: int) -> Classification:
+    """First match wins, on what is known now; `loads` never matches unread libraries."""
+    if process.sample.kernel_thread or process.key.pid == daemon_pid:
+        return Classification(None, False)
+    waiting = False
+    libraries = process.libraries or frozenset()
+    for rule in rules:
+        if not _matches_cheaply(rule.match, process.identity):
+            continue
+        if all(loads_library(libraries, name) for name in rule.match.loads):
+            return Classification(rule, waiting)
+        waiting = True
+    return Classification(None, waiting)
+
+
+def _matches_cheaply(match: Match, identity: Identity) -> bool:
+    """Everything but `loads`: the fields read once when the process is first seen."""
+    if identity.uid < FIRST_REGULAR_UID and identity.user not in match.users:
+        return False
+    exe_name = os.path.basename(identity.exe)
+    if match.exe:
+        if not any(fnmatch.fnmatchcase(exe_name, pattern) for pattern in match.exe):
+            return False
+    elif not is_python(identity):
+        return False
+    if match.cmdline is not None and not match.cmdline.search(" ".join(identity.cmdline)):
+        return False
+    return not match.users or any(_user_matches(entry, identity) for entry in match.users)
+
+
+def _user_matches(entry: str, identity: Identity) -> bool:
+    if entry.startswith("@"):
+        return entry[1:] in identity.groups
+    return entry == identity.user

@@ -1,0 +1,49 @@
+"""The data the pure core works on: what was seen of each process, keyed by (pid, start)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class ProcKey:
+    """A process's identity: a PID alone is reused, a PID with its start time is not."""
+
+    pid: int
+    start_ticks: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What one scan read of a process: one /proc/PID/stat read gives all of it."""
+
+    key: ProcKey
+    ppid: int
+    threads: int
+    cpu_seconds: float
+    started_at: float  # seconds since the epoch
+    kernel_thread: bool
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Read once per process, on first sight (exec is the only thing that changes it)."""
+
+    uid: int
+    user: str
+    groups: frozenset[str]
+    exe: str  # /proc/PID/exe target; "" when unreadable
+    cmdline: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One process as the core sees it in a scan."""
+
+    sample: Sample
+    identity: Identity
+    libraries: frozenset[str] | None  # shared-object stems from maps; None = not read yet
+
+    @property
+    def key(self) -> ProcKey:
+        return self.sample.key

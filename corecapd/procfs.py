@@ -1,0 +1,177 @@
+"""Reading processes from /proc: the one place that knows its formats and races.
+
+A process can exit between any two reads; every reader turns that into `ProcessGone`, and
+callers skip the PID for this scan. `Scanner` reads what the core needs each scan with one
+/proc/PID/stat read per process (start time, parent, threads, CPU time all come from it:
+psutil would read stat and status separately, see bench/scan_cost.py), and the slower,
+once-per-process facts (exe, cmdline, users, libraries) only on first sight or on request.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from corecapd.cpulist import parse_cpulist
+from corecapd.model import Identity, Observed, ProcKey, Sample
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h
+_VANISHED = (errno.ENOENT, errno.ESRCH)
+
+
+class ProcessGone(Exception):
+    """The process exited (or turned zombie) while we were reading it."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(f"process {pid} is gone")
+        self.pid = pid
+
+
+@contextmanager
+def vanishing(pid: int) -> Iterator[None]:
+    """Translate the errors of a process that exited mid-read into `ProcessGone`."""
+    try:
+        yield
+    except (FileNotFoundError, ProcessLookupError) as err:
+        raise ProcessGone(pid) from err
+    except OSError as err:
+        if err.errno in _VANISHED:
+            raise ProcessGone(pid) from err
+        raise
+
+
+def online_cpus(sys_root: Path = Path("/sys")) -> frozenset[int]:
+    return parse_cpulist((sys_root / "devices/system/cpu/online").read_text())
+
+
+class ProcFS:
+    def __init__(self, root: Path = Path("/proc")) -> None:
+        self.root = root
+        self.clock_ticks = os.sysconf("SC_CLK_TCK")
+        self.boot_time = self._boot_time()
+
+    def _boot_time(self) -> float:
+        for line in (self.root / "stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+        raise RuntimeError(f"no btime line in {self.root / 'stat'}")
+
+    def pids(self) -> list[int]:
+        return [int(name) for name in os.listdir(self.root) if name.isdigit()]
+
+    def thread_ids(self, pid: int) -> list[int]:
+        with vanishing(pid):
+            return [int(name) for name in os.listdir(self.root / str(pid) / "task")]
+
+    def sample(self, pid: int) -> Sample:
+        with vanishing(pid), open(self.root / str(pid) / "stat", "rb") as stat:
+            raw = stat.read()
+        # comm (field 2) may hold spaces and parentheses: split after its last ")".
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):
+            raise ProcessGone(pid)
+        start_ticks = int(fields[19])
+        return Sample(
+            key=ProcKey(pid, start_ticks),
+            ppid=int(fields[1]),
+            threads=int(fields[17]),
+            cpu_seconds=(int(fields[11]) + int(fields[12])) / self.clock_ticks,
+            started_at=self.boot_time + start_ticks / self.clock_ticks,
+            kernel_thread=bool(int(fields[6]) & PF_KTHREAD),
+        )
+
+    def identity(self, pid: int) -> Identity:
+        base = self.root / str(pid)
+        with vanishing(pid):
+            status = (base / "status").read_text()
+            cmdline = (base / "cmdline").read_bytes()
+            try:
+                exe = os.readlink(base / "exe")
+            except PermissionError:
+                exe = ""
+        uid = gid = 0
+        groups: set[int] = set()
+        for line in status.splitlines():
+            name, _, value = line.partition(":")
+            if name == "Uid":
+                uid = int(value.split()[1])  # effective
+            elif name == "Gid":
+                gid = int(value.split()[1])
+            elif name == "Groups":
+                groups.update(int(g) for g in value.split())
+        return Identity(
+            uid=uid,
+            user=_user_name(uid),
+            groups=frozenset(_group_name(g) for g in groups | {gid}),
+            exe=exe.removesuffix(" (deleted)"),
+            cmdline=tuple(a.decode(errors="replace") for a in cmdline.split(b"\0") if a),
+        )
+
+    def libraries(self, pid: int) -> frozenset[str]:
+        """File names of the shared objects mapped into the process (~2 ms for TensorFlow)."""
+        names = set()
+        with vanishing(pid), open(self.root / str(pid) / "maps", "rb") as maps:
+            for line in maps:
+                if b".so" in line:
+                    names.add(os.path.basename(line.rstrip().split(maxsplit=5)[-1]).decode())
+        return frozenset(names)
+
+
+@lru_cache(maxsize=4096)
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+@lru_cache(maxsize=4096)
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+class Scanner:
+    """Builds one scan's view of every process, caching what does not change per process."""
+
+    def __init__(self, procfs: ProcFS) -> None:
+        self.procfs = procfs
+        self._identities: dict[ProcKey, Identity] = {}
+        self._libraries: dict[ProcKey, frozenset[str]] = {}
+
+    def scan(self, libraries_wanted: frozenset[ProcKey]) -> dict[ProcKey, Observed]:
+        seen: dict[ProcKey, Observed] = {}
+        for pid in self.procfs.pids():
+            try:
+                observed = self._observe(pid, libraries_wanted)
+            except ProcessGone:
+                continue
+            if observed is not None:
+                seen[observed.key] = observed
+        for cache in (self._identities, self._libraries):
+            for key in cache.keys() - seen.keys():
+                del cache[key]
+        return seen
+
+    def _observe(self, pid: int, libraries_wanted: frozenset[ProcKey]) -> Observed | None:
+        sample = self.procfs.sample(pid)
+        key = sample.key
+        if sample.kernel_thread:
+            return None
+        identity = self._identities.get(key)
+        if identity is None:
+            identity = self.procfs.identity(pid)
+            if self.procfs.sample(pid).key != key:
+                return None  # the PID was reused while we read it; next scan sees the new one
+            self._identities[key] = identity
+        if key in libraries_wanted:
+            self._libraries[key] = self.procfs.libraries(pid)
+        return Observed(sample, identity, self._libraries.get(key))

@@ -1,0 +1,48 @@
+"""What `status` and `violations` answer, as JSON-ready data. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from corecapd.core import JobTable
+
+
+def status_document(
+    table: JobTable, mode: str, backend: str, policy_source: str, now: float
+) -> dict[str, Any]:
+    jobs = sorted(table.jobs.values(), key=lambda job: job.started_at)
+    return {
+        "host": {
+            "mode": mode,
+            "backend": backend,
+            "policy": policy_source,
+            "online_cpus": sorted(table.online_cpus),
+            "reserved_cpus": sorted(table.policy.daemon.reserved_cpus & table.online_cpus),
+            "eligible_cpus": sorted(table.eligible_cpus),
+            "jobs": len(jobs),
+            "violations": sum(1 for job in jobs if job.violation.active),
+        },
+        "jobs": [
+            {
+                "pid": job.pid,
+                "user": job.user,
+                "rule": job.rule.name,
+                "cpus": sorted(job.cpus),
+                "threads": job.threads,
+                "budget": job.budget.threads,
+                "budget_basis": job.budget.basis,
+                "cpu_percent": round(job.cpu_percent, 1),
+                "state": "violation" if job.violation.active else "ok",
+                "age": round(now - job.started_at, 1),
+                "tensorflow": job.tensorflow,
+                "pids": sorted(key.pid for key in job.members),
+                "notes": list(job.notes),
+            }
+            for job in jobs
+        ],
+    }
+
+
+def violations_document(table: JobTable) -> list[dict[str, Any]]:
+    return [asdict(record) for record in table.violations]
