@@ -148,6 +148,7 @@ class JobTable:
                 rule=found,
                 started_at=process.sample.started_at,
                 members=set(),
+                threads=process.sample.threads,
             )
             self.jobs[key] = job
             self._join(job, key)

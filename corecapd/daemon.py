@@ -83,7 +83,6 @@ class Daemon:
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(stop_signal, self._stop.set)
         await self.server.start()
-        self.scan()
         self.reporter.emit(
             DaemonStarted(
                 policy=self.policy.source,
@@ -92,6 +91,7 @@ class Daemon:
                 eligible_cpus=self.table.eligible_cpus,
             )
         )
+        self.scan()
         self.reporter.notify("READY=1", self._status_line())
         watchdog = _watchdog_interval()
         next_scan = time.monotonic() + self.policy.daemon.scan_interval
