@@ -30,6 +30,18 @@ from corecapd.policy import Policy, Rule
 from corecapd.violations import Transition, ViolationState
 
 VIOLATION_HISTORY = 1000
+# Libraries load late (TensorFlow ~2 s after exec; a notebook may import it after hours).
+# /proc/PID/maps is re-read at doubling ages (0.1, 0.2, 0.4 ... s), so a process costs a
+# handful of reads (~2 ms each for TensorFlow) over its life, never one per scan.
+MIN_LIBRARY_REREAD = 0.1
+
+
+@dataclass(frozen=True)
+class LibraryRead:
+    """When a process's libraries were last read, and what it looked like then."""
+
+    next_due: float
+    threads: int
 
 
 @dataclass
@@ -80,6 +92,8 @@ class JobTable:
         self._member_of: dict[ProcKey, ProcKey] = {}
         self._ignored: set[ProcKey] = set()
         self._waiting: set[ProcKey] = set()  # classification may change once libraries load
+        self._library_reads: dict[ProcKey, LibraryRead] = {}
+        self._recheck: set[ProcKey] = set()  # read libraries on the next scan, whatever is due
         self._reallocate = False
         self.policy = policy
         self.eligible_cpus = eligible_cpus(policy, online_cpus)
@@ -96,6 +110,7 @@ class JobTable:
         alive = processes.keys()
         self._ignored &= alive
         self._waiting &= alive
+        fresh_libraries = self._note_library_reads(processes, now)
         for job in list(self.jobs.values()):
             gone = job.members - alive
             job.members -= gone
@@ -117,23 +132,54 @@ class JobTable:
             else:
                 events += self._classify(processes[key], now)
 
-        for key in self._waiting & known:  # those first seen now were just classified
+        for key in self._waiting & known & fresh_libraries:
             events += self._classify(processes[key], now)
 
         for job in self.jobs.values():
-            events += self._sample(job, processes, now)
+            if job.id in fresh_libraries:
+                self._note_libraries(job, processes[job.id])
+            events += self._sample(job, processes, fresh_libraries, now)
 
-        self.libraries_wanted = frozenset(
-            self._waiting
-            | {j.id for j in self.jobs.values() if not j.tensorflow and self._in_grace(j, now)}
-        )
+        self.libraries_wanted = self._libraries_due(alive, now)
         return events
+
+    # -- libraries, read from maps on a schedule -----------------------------------------
+
+    def _note_library_reads(
+        self, processes: Mapping[ProcKey, Observed], now: float
+    ) -> frozenset[ProcKey]:
+        """Record the reads the scanner made for the keys we asked for last time."""
+        fresh = self.libraries_wanted & processes.keys()
+        for key in fresh:
+            sample = processes[key].sample
+            age = now - sample.started_at
+            self._library_reads[key] = LibraryRead(
+                next_due=now + max(age, MIN_LIBRARY_REREAD), threads=sample.threads
+            )
+        for key in self._library_reads.keys() - processes.keys():
+            del self._library_reads[key]
+        self._recheck -= fresh
+        return fresh
+
+    def _libraries_due(self, alive: Iterable[ProcKey], now: float) -> frozenset[ProcKey]:
+        """Processes whose libraries still matter (a `loads` rule may match, or a job may be
+        TensorFlow) and are due for a read."""
+        relevant = self._waiting | {
+            job.id for job in self.jobs.values() if not job.tensorflow and job.id in alive
+        }
+        return frozenset(
+            key
+            for key in relevant
+            if key in self._recheck
+            or key not in self._library_reads
+            or now >= self._library_reads[key].next_due
+        )
 
     # -- classification and allocation ---------------------------------------------------
 
     def _classify(self, process: Observed, now: float) -> list[Event]:
         key = process.key
-        found = self._match(process, now)
+        found = self._match(process)
         job = self.jobs.get(key)
         if found is None:
             if job is not None:
@@ -160,11 +206,10 @@ class JobTable:
             return [self._place(job, JobChanged)]
         return []
 
-    def _match(self, process: Observed, now: float) -> Rule | None:
+    def _match(self, process: Observed) -> Rule | None:
         """The rule for `process` now; keeps it waiting while `loads` may still change that."""
         found = classify(process, self.policy.rules, self.daemon_pid)
-        settled = now - process.sample.started_at >= self.policy.defaults.grace
-        if found.waiting_on_libraries and not settled:
+        if found.waiting_on_libraries:
             self._waiting.add(process.key)
         else:
             self._waiting.discard(process.key)
@@ -179,7 +224,7 @@ class JobTable:
             job.cpus = frozenset()
         for job in sorted(self.jobs.values(), key=lambda j: j.started_at):
             root = processes.get(job.id)
-            found = self._match(root, now) if root is not None else job.rule
+            found = self._match(root) if root is not None else job.rule
             if found is None:
                 events += self._end(job, now, "no rule matches any more", tuple(self._pids(job)))
                 continue
@@ -269,10 +314,25 @@ class JobTable:
 
     # -- monitoring ----------------------------------------------------------------------
 
+    def _may_be_tensorflow(self, job: Job, processes: Mapping[ProcKey, Observed]) -> bool:
+        """Whether TensorFlow may have loaded since the job's libraries were last read, which
+        would raise its budget. Asked once as a job goes over budget, not every scan."""
+        root = processes.get(job.id)
+        if job.tensorflow or root is None:
+            return False
+        last = self._library_reads.get(job.id)
+        return last is None or last.threads != root.sample.threads
+
     def _in_grace(self, job: Job, now: float) -> bool:
         return now - job.started_at < self.policy.defaults.grace
 
-    def _sample(self, job: Job, processes: Mapping[ProcKey, Observed], now: float) -> list[Event]:
+    def _sample(
+        self,
+        job: Job,
+        processes: Mapping[ProcKey, Observed],
+        fresh_libraries: frozenset[ProcKey],
+        now: float,
+    ) -> list[Event]:
         samples = [processes[key].sample for key in job.members]
         job.threads = sum(s.threads for s in samples)
         cpu_now = {s.key: s.cpu_seconds for s in samples}
@@ -285,9 +345,13 @@ class JobTable:
 
         if self._in_grace(job, now):
             return []
+        over = job.threads > job.budget.threads
+        first_over = over and not job.violation.active and job.violation.streak == 0
+        if first_over and job.id not in fresh_libraries and self._may_be_tensorflow(job, processes):
+            self._recheck.add(job.id)
+            return []  # judge on the next scan, with the libraries read again
         if job.record is not None:
             job.record.threads = max(job.record.threads, job.threads)
-        over = job.threads > job.budget.threads
         job.violation, transition = job.violation.observe(
             over, self.policy.defaults.violation_after
         )

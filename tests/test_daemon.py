@@ -1,0 +1,395 @@
+"""The real daemon against real processes: confinement, monitor mode, budgets, lifecycle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from conftest import PYTHON, Processes, StartDaemon, thread_affinities, wait_for
+
+ALL_CPUS = os.sched_getaffinity(0)
+LAST_CPU = max(ALL_CPUS)
+
+# A process that starts N threads (sleeping until stdin closes) and reports their count.
+THREADS = """
+import sys, threading
+n = int(sys.argv[2])
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait) for _ in range(n)]
+for t in threads: t.start()
+print(len(threads), flush=True)
+sys.stdin.read()
+stop.set()
+"""
+
+
+def test_every_thread_confined_including_threads_started_before_and_after(
+    start_daemon: StartDaemon, processes: Processes
+) -> None:
+    before = processes.python(
+        THREADS, "12", stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert before.stdout is not None
+    before.stdout.readline()  # 12 threads exist before the daemon starts
+    daemon = start_daemon(daemon={"reserved_cpus": str(min(ALL_CPUS))})
+    job = daemon.wait_job(before.pid)
+    assert job["cpus"] == [LAST_CPU]
+    masks = wait_for(
+        lambda: (m := thread_affinities(before.pid)) and all(v == {LAST_CPU} for v in m.values()) and m,
+        what="all threads confined",
+    )
+    assert len(masks) == 13
+
+    after = processes.python(
+        "import time, threading, sys; time.sleep(0.6)\n" + THREADS,
+        "6",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert after.stdout is not None
+    daemon.wait_job(after.pid)
+    after.stdout.readline()
+    masks = thread_affinities(after.pid)
+    assert len(masks) == 7 and all(v == {LAST_CPU} for v in masks.values()), masks
+
+
+def test_monitor_mode_reports_but_changes_nothing(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(
+        daemon={"mode": "monitor", "reserved_cpus": str(min(ALL_CPUS))},
+        rules=f"""
+            [[rules]]
+            name = "small"
+            match = {{ cmdline = "{marker}", users = ["root"] }}
+            cpus = 1
+            max_threads = 3
+        """,
+    )
+    busy = processes.python(THREADS, "8", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    job = daemon.wait_job(busy.pid)
+    assert job["cpus"] == [LAST_CPU]
+    started = daemon.wait_event("job-started", pid=str(busy.pid))
+    assert started["enforced"] == "0"
+    daemon.wait_event("violation-started", pid=str(busy.pid))  # reported as in enforce
+    masks = thread_affinities(busy.pid)
+    assert all(mask == ALL_CPUS for mask in masks.values()), masks
+    assert daemon.status()["host"]["mode"] == "monitor"
+
+
+def test_violation_onset_and_resolution_logged_once_each(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(
+        defaults={"violation_after": 3},
+        rules=f"""
+            [[rules]]
+            name = "capped"
+            match = {{ cmdline = "{marker}", users = ["root"] }}
+            cpus = 1
+            max_threads = 5
+        """,
+    )
+    job = processes.python(THREADS, "10", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert job.stdout is not None and job.stdin is not None
+    job.stdout.readline()
+    onset = daemon.wait_event("violation-started", pid=str(job.pid))
+    assert onset["threads"] == "11" and onset["budget"] == "5" and onset["rule"] == "capped"
+    assert daemon.job(job.pid)["state"] == "violation"  # type: ignore[index]
+    ongoing = [v for v in daemon.call("violations") if v["pid"] == job.pid]
+    assert len(ongoing) == 1 and ongoing[0]["ended"] is None
+
+    job.stdin.close()  # its threads end, the process exits
+    ended = daemon.wait_event("violation-ended", pid=str(job.pid))
+    assert ended["peak_threads"] == "11"
+    daemon.wait_event("job-ended", pid=str(job.pid))
+    assert len(daemon.events("violation-started", pid=str(job.pid))) == 1
+    assert len(daemon.events("violation-ended", pid=str(job.pid))) == 1
+    [record] = [v for v in daemon.call("violations") if v["pid"] == job.pid]
+    assert record["ended"] is not None and record["ended"] >= record["started"]
+    assert record == record | {"rule": "capped", "threads": 11, "budget": 5}
+
+
+def test_short_spikes_below_violation_after_are_not_violations(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(
+        daemon={"scan_interval": 0.2},
+        defaults={"violation_after": 5},
+        rules=f"""
+            [[rules]]
+            name = "capped"
+            match = {{ cmdline = "{marker}", users = ["root"] }}
+            max_threads = 4
+        """,
+    )
+    # 10 threads for ~0.3 s, three times: never 5 consecutive samples over budget.
+    spiky = processes.python(
+        """
+        import threading, time
+        for _ in range(3):
+            ts = [threading.Thread(target=time.sleep, args=(0.3,)) for _ in range(10)]
+            [t.start() for t in ts]; [t.join() for t in ts]
+            time.sleep(0.6)
+        """
+    )
+    daemon.wait_job(spiky.pid)
+    spiky.wait(timeout=20)
+    daemon.wait_event("job-ended", pid=str(spiky.pid))
+    assert daemon.events("violation-started") == []
+
+
+def test_reserved_cpus_never_used(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    reserved = min(ALL_CPUS)
+    daemon = start_daemon(
+        daemon={"reserved_cpus": str(reserved)},
+        rules=f"""
+            [[rules]]
+            name = "wide"
+            match = {{ cmdline = "{marker}", users = ["root"] }}
+            cpus = 64
+        """,
+    )
+    jobs = [processes.python(THREADS, "2", stdin=subprocess.PIPE) for _ in range(3)]
+    for job in jobs:
+        granted = daemon.wait_job(job.pid)["cpus"]
+        assert reserved not in granted and granted == sorted(ALL_CPUS - {reserved})
+        masks = wait_for(lambda j=job: thread_affinities(j.pid))
+        wait_for(lambda j=job: all(reserved not in m for m in thread_affinities(j.pid).values()))
+    started = daemon.events("job-started")
+    assert any("only" in e["notes"] and "eligible" in e["notes"] for e in started)
+    assert masks
+
+
+def test_user_cap_limits_distinct_cpus_across_a_users_jobs(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(
+        users={},
+        rules=f"""
+            [[rules]]
+            name = "two"
+            match = {{ cmdline = "{marker}", users = ["root"] }}
+            cpus = 2
+
+            [users.root]
+            max_cpus = 1
+        """,
+    )
+    first = processes.python(THREADS, "1", stdin=subprocess.PIPE)
+    second = processes.python(THREADS, "1", stdin=subprocess.PIPE)
+    one = daemon.wait_job(first.pid)
+    two = daemon.wait_job(second.pid)
+    assert len(one["cpus"]) == 1 and one["cpus"] == two["cpus"]
+    assert "capped at 1" in " ".join(one["notes"])
+
+
+def test_children_stay_in_their_job(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(daemon={"reserved_cpus": str(min(ALL_CPUS))})
+    parent = processes.python(
+        """
+        import subprocess, sys
+        child = subprocess.Popen(["sleep", "30"])
+        print(child.pid, flush=True)
+        sys.stdin.read()
+        child.kill()
+        """,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert parent.stdout is not None
+    child_pid = int(parent.stdout.readline())
+    job = wait_for(lambda: (j := daemon.job(parent.pid)) and child_pid in j["pids"] and j)
+    assert job["pids"] == sorted([parent.pid, child_pid])
+    assert wait_for(lambda: os.sched_getaffinity(child_pid) == {LAST_CPU})
+    assert daemon.job(child_pid) is None  # not a job of its own
+    assert len(daemon.status()["jobs"]) == 1
+
+
+def test_shebang_script_and_python_m_module_are_classified_by_exe(
+    start_daemon: StartDaemon, processes: Processes, marker: str, tmp_path: Path
+) -> None:
+    daemon = start_daemon(
+        rules=f"""
+            [[rules]]
+            name = "python-only"
+            match = {{ cmdline = "{marker}", users = ["root"] }}
+            cpus = 1
+        """
+    )
+    script = tmp_path / f"train-{marker}"
+    script.write_text(f"#!{PYTHON}\nimport sys\nsys.stdin.read()\n")
+    script.chmod(0o755)
+    shebang = processes.run([str(script)], stdin=subprocess.PIPE)
+    (tmp_path / "jobmodule.py").write_text("import sys\nsys.stdin.read()\n")
+    module = processes.run(
+        [PYTHON, "-m", "jobmodule", marker], stdin=subprocess.PIPE, cwd=tmp_path
+    )
+    # A non-Python process with the marker is not a job: exe, not the cmdline, says Python.
+    shell = processes.run(["sh", "-c", f"read line # {marker}"], stdin=subprocess.PIPE)
+
+    wait_for(lambda: Path(f"/proc/{shebang.pid}/comm").read_text().strip() == script.name[:15])
+    for pid in (shebang.pid, module.pid):
+        assert daemon.wait_job(pid)["rule"] == "python-only"
+    assert daemon.job(shell.pid) is None
+
+
+def test_processes_exiting_mid_scan_are_routine(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(daemon={"scan_interval": 0.05})
+    # 60 marked processes that live 0-60 ms: many vanish between listing and reading.
+    launcher = processes.python(
+        """
+        import subprocess, sys, random
+        procs = [subprocess.Popen([sys.executable, "-c",
+                 f"import time; time.sleep({random.random() * 0.06})", sys.argv[1]])
+                 for _ in range(60)]
+        for p in procs: p.wait()
+        """
+    )
+    assert launcher.wait(timeout=60) == 0
+    assert daemon.call("ping")["pid"] == daemon.process.pid
+    wait_for(lambda: daemon.status()["jobs"] == [], what="every job released")
+    assert daemon.process.poll() is None
+
+
+def test_system_user_processes_only_matched_when_the_user_is_named(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    unnamed = f"""
+        [[rules]]
+        name = "root-named"
+        match = {{ cmdline = "{marker}", users = ["root"] }}
+
+        [[rules]]
+        name = "group-or-anyone"
+        match = {{ cmdline = "{marker}", users = ["@daemon"] }}
+
+        [[rules]]
+        name = "anyone"
+        match = {{ cmdline = "{marker}" }}
+    """
+    daemon = start_daemon(rules=unnamed)
+    system = processes.run(
+        ["setpriv", "--reuid=daemon", "--regid=daemon", "--clear-groups", PYTHON, "-c",
+         "import sys; sys.stdin.read()", marker],
+        stdin=subprocess.PIPE,
+    )
+    wait_for(lambda: Path(f"/proc/{system.pid}/exe").resolve().name.startswith("python"))
+    root = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    assert daemon.wait_job(root.pid)["rule"] == "root-named"
+    daemon.wait_event("job-started", pid=str(root.pid))
+    assert daemon.job(system.pid) is None  # uid 1, in group daemon, but never named
+
+    text = daemon.policy_path.read_text()
+    daemon.policy_path.write_text(text.replace('users = ["@daemon"]', 'users = ["daemon"]'))
+    assert daemon.call("reload") == "reloaded"
+    assert daemon.wait_job(system.pid)["rule"] == "group-or-anyone"
+
+
+def test_refuses_to_start_on_a_bad_policy(start_daemon: StartDaemon) -> None:
+    daemon = start_daemon("[daemon]\nmode = 'sometimes'\n", wait=False)
+    assert daemon.process.wait(timeout=20) != 0
+    log = daemon.log()
+    assert str(daemon.policy_path) in log and "daemon.mode" in log and "sometimes" in log
+
+
+def test_refuses_a_policy_that_reserves_every_cpu(start_daemon: StartDaemon) -> None:
+    everything = f"0-{max(ALL_CPUS)}"
+    daemon = start_daemon(f'[daemon]\nreserved_cpus = "{everything}"\n', wait=False)
+    assert daemon.process.wait(timeout=20) != 0
+    assert "leaves no CPU for jobs" in daemon.log()
+
+
+def test_reload_rejects_bad_policy_keeps_old_then_applies_good_one(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(
+        rules=f"""
+            [[rules]]
+            name = "before"
+            match = {{ cmdline = "{marker}", users = ["root"] }}
+            max_threads = 50
+        """
+    )
+    job = processes.python(THREADS, "1", stdin=subprocess.PIPE)
+    assert daemon.wait_job(job.pid)["rule"] == "before"
+    good = daemon.policy_path.read_text()
+
+    daemon.policy_path.write_text(good.replace("max_threads = 50", "max_threads = 'many'"))
+    daemon.signal(signal.SIGHUP)
+    rejected = daemon.wait_event("policy-rejected")
+    assert "rules[0].max_threads" in rejected["error"]
+    ctl = subprocess.run(
+        [PYTHON, "-m", "corecapd.ctl", "--socket", str(daemon.socket), "reload"],
+        capture_output=True,
+        text=True,
+    )
+    assert ctl.returncode != 0 and "rules[0].max_threads" in ctl.stderr
+    assert daemon.job(job.pid)["rule"] == "before"  # type: ignore[index]
+    assert daemon.process.poll() is None
+
+    daemon.policy_path.write_text(good.replace('"before"', '"after"').replace("50", "2"))
+    assert daemon.call("reload") == "reloaded"
+    job_after = daemon.job(job.pid)
+    assert job_after is not None and job_after["rule"] == "after" and job_after["budget"] == 2
+
+
+def test_reload_that_drops_the_rule_releases_the_job(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(daemon={"reserved_cpus": str(min(ALL_CPUS))})
+    job = processes.python(THREADS, "3", stdin=subprocess.PIPE)
+    daemon.wait_job(job.pid)
+    wait_for(lambda: all(m == {LAST_CPU} for m in thread_affinities(job.pid).values()))
+    daemon.policy_path.write_text(
+        daemon.policy_path.read_text().replace(marker, "NOTHING_CARRIES_THIS")
+    )
+    daemon.call("reload")
+    daemon.wait_event("job-ended", pid=str(job.pid), reason="no rule matches any more")
+    assert all(m == ALL_CPUS for m in thread_affinities(job.pid).values())
+
+
+def test_status_and_violations_json_shapes(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(
+        rules=f"""
+            [[rules]]
+            name = "shape"
+            match = {{ cmdline = "{marker}", users = ["root"] }}
+            cpus = 1
+            max_threads = 2
+        """
+    )
+    job = processes.python(THREADS, "4", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    daemon.wait_event("violation-started", pid=str(job.pid))
+    out = subprocess.run(
+        [PYTHON, "-m", "corecapd.ctl", "--socket", str(daemon.socket), "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    import json
+
+    status = json.loads(out.stdout)
+    [entry] = [j for j in status["jobs"] if j["pid"] == job.pid]
+    assert entry["user"] == "root" and entry["rule"] == "shape"
+    assert isinstance(entry["cpus"], list) and all(isinstance(c, int) for c in entry["cpus"])
+    assert entry["threads"] == 5 and entry["budget"] == 2 and entry["state"] == "violation"
+    out = subprocess.run(
+        [PYTHON, "-m", "corecapd.ctl", "--socket", str(daemon.socket), "violations", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    [record] = [v for v in json.loads(out.stdout) if v["pid"] == job.pid]
+    assert set(record) >= {"pid", "rule", "threads", "budget", "started", "ended"}
+    assert record["ended"] is None and record["budget"] == 2

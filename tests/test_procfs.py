@@ -1,0 +1,105 @@
+"""The /proc reader against real processes, including ones that vanish."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from corecapd.procfs import ProcessGone, ProcFS, Scanner, online_cpus
+
+
+def test_sample_and_identity_of_this_process() -> None:
+    procfs = ProcFS()
+    sample = procfs.sample(os.getpid())
+    assert sample.key.pid == os.getpid() and sample.ppid == os.getppid()
+    assert sample.threads == len(os.listdir(f"/proc/{os.getpid()}/task"))
+    assert not sample.kernel_thread
+    identity = procfs.identity(os.getpid())
+    assert identity.uid == os.geteuid() and identity.user == "root" and "root" in identity.groups
+    assert os.path.realpath(identity.exe) == os.path.realpath(sys.executable)
+    assert identity.cmdline[0].endswith(("python", "python3", "pytest")) or identity.cmdline
+
+
+def test_comm_with_spaces_and_parentheses_parses() -> None:
+    procfs = ProcFS()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, ctypes; open('/proc/self/comm','w').write('a) (b c'); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{child.pid}/comm").read().strip() != "a) (b c":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        sample = procfs.sample(child.pid)
+        assert sample.ppid == os.getpid() and sample.threads == 1
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_vanished_process_is_process_gone() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    procfs = ProcFS()
+    for read in (procfs.sample, procfs.identity, procfs.libraries, procfs.thread_ids):
+        with pytest.raises(ProcessGone):
+            read(child.pid)
+
+
+def test_zombie_is_gone() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    import time
+
+    deadline = time.monotonic() + 10
+    while "Z" not in open(f"/proc/{child.pid}/stat").read().split(")")[-1].split()[0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        with pytest.raises(ProcessGone):
+            ProcFS().sample(child.pid)
+    finally:
+        child.wait()
+
+
+def test_kernel_threads_are_flagged_and_left_out_of_scans() -> None:
+    procfs = ProcFS()
+    kthreadd = procfs.sample(2)  # PID 2 is kthreadd on Linux
+    assert kthreadd.kernel_thread
+    assert all(key.pid != 2 for key in Scanner(procfs).scan(frozenset()))
+
+
+def test_libraries_of_a_numpy_process() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import numpy, sys; print(1, flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline()
+        libraries = ProcFS().libraries(child.pid)
+        assert any("openblas" in name for name in libraries), libraries
+        assert not any("tensorflow" in name for name in libraries)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_scanner_reads_libraries_only_when_asked() -> None:
+    scanner = Scanner(ProcFS())
+    first = scanner.scan(frozenset())
+    me = next(key for key in first if key.pid == os.getpid())
+    assert first[me].libraries is None
+    second = scanner.scan(frozenset({me}))
+    assert second[me].libraries and any("libc" in name for name in second[me].libraries)
+    assert scanner.scan(frozenset())[me].libraries == second[me].libraries  # remembered
+
+
+def test_online_cpus_matches_the_kernel() -> None:
+    assert online_cpus() == frozenset(range(os.cpu_count() or 1)) or online_cpus()
+    assert os.sched_getaffinity(0) <= online_cpus()
