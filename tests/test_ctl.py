@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import PYTHON, Processes, StartDaemon
 
 ROOT = Path(__file__).parents[1]
@@ -82,11 +81,22 @@ def test_status_and_violations_tables(
     assert lines[0].startswith("corecapd: mode enforce, backend affinity")
     assert "1 jobs, 1 over budget" in lines[1]
     header = next(line for line in lines if line.lstrip().startswith("PID"))
-    assert header.split() == ["PID", "USER", "RULE", "CPUS", "THREADS/BUDGET", "CPU%", "STATE", "AGE"]
+    assert header.split() == [
+        "PID",
+        "USER",
+        "RULE",
+        "CPUS",
+        "THREADS/BUDGET",
+        "CPU%",
+        "STATE",
+        "AGE",
+    ]
     row = next(line for line in lines if line.split()[:1] == [str(job.pid)])
     assert row.split()[1:3] == ["root", "table-rule"] and "2/1" in row and "violation" in row
 
     violations = ctl("--socket", str(daemon.socket), "violations")
     assert violations.returncode == 0
-    assert any(line.split()[:2] == [str(job.pid), "table-rule"] for line in violations.stdout.splitlines())
+    assert any(
+        line.split()[:2] == [str(job.pid), "table-rule"] for line in violations.stdout.splitlines()
+    )
     assert "ongoing" in violations.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from functools import partial
 from pathlib import Path
 
 from conftest import PYTHON, Processes, StartDaemon, thread_affinities, wait_for
@@ -25,21 +26,22 @@ stop.set()
 """
 
 
+def confined(pid: int, cpus: set[int]) -> dict[int, set[int]]:
+    """The thread masks of `pid` once every one is `cpus`, else an empty dict."""
+    masks = thread_affinities(pid)
+    return masks if masks and all(mask == cpus for mask in masks.values()) else {}
+
+
 def test_every_thread_confined_including_threads_started_before_and_after(
     start_daemon: StartDaemon, processes: Processes
 ) -> None:
-    before = processes.python(
-        THREADS, "12", stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
+    before = processes.python(THREADS, "12", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert before.stdout is not None
     before.stdout.readline()  # 12 threads exist before the daemon starts
     daemon = start_daemon(daemon={"reserved_cpus": str(min(ALL_CPUS))})
     job = daemon.wait_job(before.pid)
     assert job["cpus"] == [LAST_CPU]
-    masks = wait_for(
-        lambda: (m := thread_affinities(before.pid)) and all(v == {LAST_CPU} for v in m.values()) and m,
-        what="all threads confined",
-    )
+    masks = wait_for(lambda: confined(before.pid, {LAST_CPU}), what="all threads confined")
     assert len(masks) == 13
 
     after = processes.python(
@@ -158,11 +160,11 @@ def test_reserved_cpus_never_used(
     for job in jobs:
         granted = daemon.wait_job(job.pid)["cpus"]
         assert reserved not in granted and granted == sorted(ALL_CPUS - {reserved})
-        masks = wait_for(lambda j=job: thread_affinities(j.pid))
-        wait_for(lambda j=job: all(reserved not in m for m in thread_affinities(j.pid).values()))
+    for job in jobs:
+        masks = wait_for(partial(confined, job.pid, ALL_CPUS - {reserved}))
+        assert all(reserved not in mask for mask in masks.values())
     started = daemon.events("job-started")
     assert any("only" in e["notes"] and "eligible" in e["notes"] for e in started)
-    assert masks
 
 
 def test_user_cap_limits_distinct_cpus_across_a_users_jobs(
@@ -228,9 +230,7 @@ def test_shebang_script_and_python_m_module_are_classified_by_exe(
     script.chmod(0o755)
     shebang = processes.run([str(script)], stdin=subprocess.PIPE)
     (tmp_path / "jobmodule.py").write_text("import sys\nsys.stdin.read()\n")
-    module = processes.run(
-        [PYTHON, "-m", "jobmodule", marker], stdin=subprocess.PIPE, cwd=tmp_path
-    )
+    module = processes.run([PYTHON, "-m", "jobmodule", marker], stdin=subprocess.PIPE, cwd=tmp_path)
     # A non-Python process with the marker is not a job: exe, not the cmdline, says Python.
     shell = processes.run(["sh", "-c", f"read line # {marker}"], stdin=subprocess.PIPE)
 
@@ -278,8 +278,16 @@ def test_system_user_processes_only_matched_when_the_user_is_named(
     """
     daemon = start_daemon(rules=unnamed)
     system = processes.run(
-        ["setpriv", "--reuid=daemon", "--regid=daemon", "--clear-groups", PYTHON, "-c",
-         "import sys; sys.stdin.read()", marker],
+        [
+            "setpriv",
+            "--reuid=daemon",
+            "--regid=daemon",
+            "--clear-groups",
+            PYTHON,
+            "-c",
+            "import sys; sys.stdin.read()",
+            marker,
+        ],
         stdin=subprocess.PIPE,
     )
     wait_for(lambda: Path(f"/proc/{system.pid}/exe").resolve().name.startswith("python"))
@@ -348,7 +356,7 @@ def test_reload_that_drops_the_rule_releases_the_job(
     daemon = start_daemon(daemon={"reserved_cpus": str(min(ALL_CPUS))})
     job = processes.python(THREADS, "3", stdin=subprocess.PIPE)
     daemon.wait_job(job.pid)
-    wait_for(lambda: all(m == {LAST_CPU} for m in thread_affinities(job.pid).values()))
+    wait_for(lambda: confined(job.pid, {LAST_CPU}))
     daemon.policy_path.write_text(
         daemon.policy_path.read_text().replace(marker, "NOTHING_CARRIES_THIS")
     )

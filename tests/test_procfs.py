@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,14 +27,18 @@ def test_sample_and_identity_of_this_process() -> None:
 def test_comm_with_spaces_and_parentheses_parses() -> None:
     procfs = ProcFS()
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys, ctypes; open('/proc/self/comm','w').write('a) (b c'); sys.stdin.read()"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, ctypes; open('/proc/self/comm','w').write('a) (b c'); sys.stdin.read()",
+        ],
         stdin=subprocess.PIPE,
     )
     try:
         import time
 
         deadline = time.monotonic() + 10
-        while open(f"/proc/{child.pid}/comm").read().strip() != "a) (b c":
+        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "a) (b c":
             assert time.monotonic() < deadline
             time.sleep(0.01)
         sample = procfs.sample(child.pid)
@@ -57,7 +62,7 @@ def test_zombie_is_gone() -> None:
     import time
 
     deadline = time.monotonic() + 10
-    while "Z" not in open(f"/proc/{child.pid}/stat").read().split(")")[-1].split()[0]:
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
         assert time.monotonic() < deadline
         time.sleep(0.01)
     try:
@@ -96,7 +101,8 @@ def test_scanner_reads_libraries_only_when_asked() -> None:
     me = next(key for key in first if key.pid == os.getpid())
     assert first[me].libraries is None
     second = scanner.scan(frozenset({me}))
-    assert second[me].libraries and any("libc" in name for name in second[me].libraries)
+    libraries = second[me].libraries
+    assert libraries is not None and any("libc" in name for name in libraries)
     assert scanner.scan(frozenset())[me].libraries == second[me].libraries  # remembered
 
 

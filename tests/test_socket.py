@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import PYTHON, Daemon, StartDaemon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import PYTHON, Daemon, StartDaemon
 from corecapd.protocol import MAX_LINE, ProtocolError, decode_request
 
 
@@ -49,9 +49,7 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("payload", "error"), BAD_REQUESTS)
-def test_malformed_requests_get_an_error_reply(
-    daemon: Daemon, payload: bytes, error: str
-) -> None:
+def test_malformed_requests_get_an_error_reply(daemon: Daemon, payload: bytes, error: str) -> None:
     [reply] = exchange(daemon.socket, payload, shutdown=True)
     assert reply["ok"] is False and error in str(reply["error"])
     assert daemon.call("ping")["pid"] == daemon.process.pid
@@ -95,10 +93,14 @@ def test_socket_is_readable_by_any_user_but_reload_needs_root(start_daemon: Star
         as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
         ctl = [PYTHON, "-m", "corecapd.ctl", "--socket", str(daemon.socket)]
         env = {"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": os.environ["PATH"]}
-        status = subprocess.run([*as_nobody, *ctl, "status"], capture_output=True, text=True, env=env)
+        status = subprocess.run(
+            [*as_nobody, *ctl, "status"], capture_output=True, text=True, env=env
+        )
         assert status.returncode == 0, status.stderr
         assert "0 jobs" in status.stdout
-        reload = subprocess.run([*as_nobody, *ctl, "reload"], capture_output=True, text=True, env=env)
+        reload = subprocess.run(
+            [*as_nobody, *ctl, "reload"], capture_output=True, text=True, env=env
+        )
         assert reload.returncode != 0
         assert "reload needs root (you are uid 65534)" in reload.stderr
         assert daemon.events("policy-reloaded") == []
