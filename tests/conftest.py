@@ -143,6 +143,17 @@ def parse_fields(details: str) -> dict[str, str]:
     return values
 
 
+def marked_rule(marker: str, name: str = "marked", **settings: object) -> str:
+    """A rule matching only root's processes that carry `marker` in their command line."""
+    lines = [
+        "[[rules]]",
+        f"name = {json.dumps(name)}",
+        f'match = {{ cmdline = "{marker}", users = ["root"] }}',
+    ]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
 def policy_text(marker: str, rules: str = "", **sections: dict[str, Any]) -> str:
     """A policy whose sections are given as dicts; `rules` is raw TOML for [[rules]]."""
     daemon = {"mode": "enforce", "scan_interval": 0.1, "reserved_cpus": ""} | sections.pop(
@@ -154,12 +165,7 @@ def policy_text(marker: str, rules: str = "", **sections: dict[str, Any]) -> str
         out.append(f"[{name}]")
         out += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
     if not rules:
-        rules = f"""
-            [[rules]]
-            name = "marked"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            cpus = 1
-        """
+        rules = marked_rule(marker, cpus=1)
     return "\n".join(out) + "\n" + textwrap.dedent(rules)
 
 

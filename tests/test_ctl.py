@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, Processes, StartDaemon
+from conftest import PYTHON, Processes, StartDaemon, marked_rule
 
 ROOT = Path(__file__).parents[1]
 
@@ -61,15 +61,7 @@ def test_bad_arguments_are_usage_errors() -> None:
 def test_status_and_violations_tables(
     start_daemon: StartDaemon, processes: Processes, marker: str
 ) -> None:
-    daemon = start_daemon(
-        rules=f"""
-            [[rules]]
-            name = "table-rule"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            cpus = 1
-            max_threads = 1
-        """
-    )
+    daemon = start_daemon(rules=marked_rule(marker, "table-rule", cpus=1, max_threads=1))
     job = processes.python(
         "import threading, sys; threading.Thread(target=sys.stdin.read).start()",
         stdin=subprocess.PIPE,

@@ -8,7 +8,7 @@ import subprocess
 from functools import partial
 from pathlib import Path
 
-from conftest import PYTHON, Processes, StartDaemon, thread_affinities, wait_for
+from conftest import PYTHON, Processes, StartDaemon, marked_rule, thread_affinities, wait_for
 
 ALL_CPUS = os.sched_getaffinity(0)
 LAST_CPU = max(ALL_CPUS)
@@ -62,13 +62,7 @@ def test_monitor_mode_reports_but_changes_nothing(
 ) -> None:
     daemon = start_daemon(
         daemon={"mode": "monitor", "reserved_cpus": str(min(ALL_CPUS))},
-        rules=f"""
-            [[rules]]
-            name = "small"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            cpus = 1
-            max_threads = 3
-        """,
+        rules=marked_rule(marker, "small", cpus=1, max_threads=3),
     )
     busy = processes.python(THREADS, "8", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     job = daemon.wait_job(busy.pid)
@@ -86,13 +80,7 @@ def test_violation_onset_and_resolution_logged_once_each(
 ) -> None:
     daemon = start_daemon(
         defaults={"violation_after": 3},
-        rules=f"""
-            [[rules]]
-            name = "capped"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            cpus = 1
-            max_threads = 5
-        """,
+        rules=marked_rule(marker, "capped", cpus=1, max_threads=5),
     )
     job = processes.python(THREADS, "10", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert job.stdout is not None and job.stdin is not None
@@ -120,12 +108,7 @@ def test_short_spikes_below_violation_after_are_not_violations(
     daemon = start_daemon(
         daemon={"scan_interval": 0.2},
         defaults={"violation_after": 5},
-        rules=f"""
-            [[rules]]
-            name = "capped"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            max_threads = 4
-        """,
+        rules=marked_rule(marker, "capped", max_threads=4),
     )
     # 10 threads for ~0.3 s, three times: never 5 consecutive samples over budget.
     spiky = processes.python(
@@ -149,12 +132,7 @@ def test_reserved_cpus_never_used(
     reserved = min(ALL_CPUS)
     daemon = start_daemon(
         daemon={"reserved_cpus": str(reserved)},
-        rules=f"""
-            [[rules]]
-            name = "wide"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            cpus = 64
-        """,
+        rules=marked_rule(marker, "wide", cpus=64),
     )
     jobs = [processes.python(THREADS, "2", stdin=subprocess.PIPE) for _ in range(3)]
     for job in jobs:
@@ -171,16 +149,7 @@ def test_user_cap_limits_distinct_cpus_across_a_users_jobs(
     start_daemon: StartDaemon, processes: Processes, marker: str
 ) -> None:
     daemon = start_daemon(
-        users={},
-        rules=f"""
-            [[rules]]
-            name = "two"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            cpus = 2
-
-            [users.root]
-            max_cpus = 1
-        """,
+        rules=marked_rule(marker, "two", cpus=2) + "[users.root]\nmax_cpus = 1\n",
     )
     first = processes.python(THREADS, "1", stdin=subprocess.PIPE)
     second = processes.python(THREADS, "1", stdin=subprocess.PIPE)
@@ -217,14 +186,7 @@ def test_children_stay_in_their_job(
 def test_shebang_script_and_python_m_module_are_classified_by_exe(
     start_daemon: StartDaemon, processes: Processes, marker: str, tmp_path: Path
 ) -> None:
-    daemon = start_daemon(
-        rules=f"""
-            [[rules]]
-            name = "python-only"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            cpus = 1
-        """
-    )
+    daemon = start_daemon(rules=marked_rule(marker, "python-only", cpus=1))
     script = tmp_path / f"train-{marker}"
     script.write_text(f"#!{PYTHON}\nimport sys\nsys.stdin.read()\n")
     script.chmod(0o755)
@@ -319,14 +281,7 @@ def test_refuses_a_policy_that_reserves_every_cpu(start_daemon: StartDaemon) -> 
 def test_reload_rejects_bad_policy_keeps_old_then_applies_good_one(
     start_daemon: StartDaemon, processes: Processes, marker: str
 ) -> None:
-    daemon = start_daemon(
-        rules=f"""
-            [[rules]]
-            name = "before"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            max_threads = 50
-        """
-    )
+    daemon = start_daemon(rules=marked_rule(marker, "before", max_threads=50))
     job = processes.python(THREADS, "1", stdin=subprocess.PIPE)
     assert daemon.wait_job(job.pid)["rule"] == "before"
     good = daemon.policy_path.read_text()
@@ -368,15 +323,7 @@ def test_reload_that_drops_the_rule_releases_the_job(
 def test_status_and_violations_json_shapes(
     start_daemon: StartDaemon, processes: Processes, marker: str
 ) -> None:
-    daemon = start_daemon(
-        rules=f"""
-            [[rules]]
-            name = "shape"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            cpus = 1
-            max_threads = 2
-        """
-    )
+    daemon = start_daemon(rules=marked_rule(marker, "shape", cpus=1, max_threads=2))
     job = processes.python(THREADS, "4", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     daemon.wait_event("violation-started", pid=str(job.pid))
     out = subprocess.run(

@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import Processes, StartDaemon
+from conftest import Processes, StartDaemon, marked_rule
 
 pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.tensorflow
@@ -40,12 +40,7 @@ def test_default_keras_fit_confined_to_one_cpu_is_within_budget(
     daemon = start_daemon(
         daemon={"reserved_cpus": str(min(os.sched_getaffinity(0)))},
         defaults={"grace": 1.0, "violation_after": 1, "thread_slack": 8},
-        rules=f"""
-            [[rules]]
-            name = "keras"
-            match = {{ cmdline = "{marker}", users = ["root"] }}
-            cpus = 1
-        """,
+        rules=marked_rule(marker, "keras", cpus=1),
     )
     job = processes.python(SEED_FIT, stdout=subprocess.PIPE)
     out, _ = job.communicate(timeout=240)
