@@ -158,6 +158,7 @@ class JobTable:
             )
         for key in self._library_reads.keys() - processes.keys():
             del self._library_reads[key]
+        self._recheck &= processes.keys()
         self._recheck -= fresh
         return fresh
 
@@ -219,16 +220,17 @@ class JobTable:
         """After a reload: rules, caps and reserved CPUs may all have changed."""
         self._reallocate = False
         events: list[Event] = []
-        previous = {job.id: (job.rule, job.cpus, job.budget) for job in self.jobs.values()}
-        for job in self.jobs.values():
-            job.cpus = frozenset()
-        for job in sorted(self.jobs.values(), key=lambda j: j.started_at):
+        for job in list(self.jobs.values()):
             root = processes.get(job.id)
             found = self._match(root) if root is not None else job.rule
             if found is None:
                 events += self._end(job, now, "no rule matches any more", tuple(self._pids(job)))
-                continue
-            job.rule = found
+            else:
+                job.rule = found
+        previous = {job.id: (job.rule, job.cpus, job.budget) for job in self.jobs.values()}
+        for job in self.jobs.values():
+            job.cpus = frozenset()  # every job is placed afresh, oldest first
+        for job in sorted(self.jobs.values(), key=lambda j: j.started_at):
             placed = self._place(job, JobChanged)
             if previous[job.id] != (job.rule, job.cpus, job.budget):
                 events.append(placed)
@@ -318,8 +320,8 @@ class JobTable:
         """Whether TensorFlow may have loaded since the job's libraries were last read, which
         would raise its budget. Asked once as a job goes over budget, not every scan."""
         root = processes.get(job.id)
-        if job.tensorflow or root is None:
-            return False
+        if job.tensorflow or job.rule.max_threads is not None or root is None:
+            return False  # known already, or a budget TensorFlow would not change
         last = self._library_reads.get(job.id)
         return last is None or last.threads != root.sample.threads
 

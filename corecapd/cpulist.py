@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 # A sanity bound: larger ids are typos, not hardware (Linux's NR_CPUS tops out at 8192).
 MAX_CPU_ID = 8191
+
+
+# Plain ASCII digits only: int() would also take "+1", "1_0" and other scripts' digits.
+_ITEM = re.compile(r"(?P<low>[0-9]+)(?:-(?P<high>[0-9]+))?")
 
 
 class CpuListError(ValueError):
@@ -21,14 +26,13 @@ def parse_cpulist(text: str) -> frozenset[int]:
             if text.strip():
                 raise CpuListError(f"empty item in CPU list {text!r}")
             continue
-        low_text, dash, high_text = part.partition("-")
-        try:
-            low = int(low_text)
-            high = int(high_text) if dash else low
-        except ValueError:
+        found = _ITEM.fullmatch(part)
+        if found is None:
             raise CpuListError(
                 f"{part!r} in CPU list {text!r} is not a CPU number or range like 2-5"
-            ) from None
+            )
+        low = int(found["low"])
+        high = int(found["high"]) if found["high"] is not None else low
         if low < 0 or high < low or high > MAX_CPU_ID:
             raise CpuListError(
                 f"range {part!r} in CPU list {text!r} must be ascending, within 0-{MAX_CPU_ID}"

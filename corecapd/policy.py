@@ -92,19 +92,27 @@ def load_policy(path: Path) -> Policy:
 
 
 _TOML_POSITION = re.compile(r"^(?P<what>.*?) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")
+_TOML_AT_END = re.compile(r"^(?P<what>.*?) \(at end of document\)$")
+
+
+def _toml_error_position(message: str, text: str) -> tuple[str, int, int]:
+    """tomllib's message without its position suffix, and the 1-based line and column."""
+    found = _TOML_POSITION.match(message)
+    if found:
+        return found["what"], int(found["line"]), int(found["col"])
+    lines = text.rstrip().split("\n")  # "at end of document": point at the last line written
+    at_end = _TOML_AT_END.match(message)
+    return (at_end["what"] if at_end else message), len(lines), len(lines[-1]) + 1
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        message = str(err)
-        found = _TOML_POSITION.match(message)
-        if found:
-            raise PolicyError(
-                f"{source}:{found['line']}:{found['col']}: TOML syntax error: {found['what']}"
-            ) from None
-        raise PolicyError(f"{source}: TOML syntax error: {message}") from None
+        what, line, column = _toml_error_position(str(err), text)
+        raise PolicyError(f"{source}:{line}:{column}: TOML syntax error: {what}") from None
+    except RecursionError:
+        raise PolicyError(f"{source}: TOML syntax error: nested too deeply") from None
     try:
         return _build_policy(_Table(data, ""), source)
     except _SchemaError as err:
@@ -231,6 +239,8 @@ def _regex(where: str, value: object) -> re.Pattern[str]:
         return re.compile(_nonempty_string(where, value))
     except re.error as err:
         raise _SchemaError(f"{where}: invalid regular expression: {err}") from None
+    except (OverflowError, RecursionError):
+        raise _SchemaError(f"{where}: regular expression too large or nested too deeply") from None
 
 
 def _users(where: str, value: object) -> tuple[str, ...]:
