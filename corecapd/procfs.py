@@ -159,8 +159,8 @@ class Scanner:
         for pid in self.procfs.pids():
             try:
                 observed = self._observe(pid, libraries_wanted)
-            except ProcessGone:
-                continue
+            except (ProcessGone, PermissionError):
+                continue  # exited, or hidden from us (hidepid, an LSM): not ours to manage
             if observed is not None:
                 seen[observed.key] = observed
         for cache in (self._identities, self._libraries):

@@ -48,6 +48,19 @@ def peer_credentials(sock: socket.socket) -> Peer:
 Handler = Callable[[Request, Peer], Any]
 
 
+class SocketInUse(OSError):
+    """The socket path belongs to a live daemon; taking it over would orphan that one."""
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class SocketServer:
     def __init__(self, path: Path, handler: Handler) -> None:
         self.path = path
@@ -57,6 +70,8 @@ class SocketServer:
 
     async def start(self) -> None:
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if _answers(self.path):
+            raise SocketInUse(f"{self.path}: another corecapd is already listening there")
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a stale socket from a daemon that did not stop cleanly
         self._server = await asyncio.start_unix_server(

@@ -8,10 +8,12 @@ import subprocess
 from functools import partial
 from pathlib import Path
 
+import pytest
 from conftest import PYTHON, Processes, StartDaemon, marked_rule, thread_affinities, wait_for
 
 ALL_CPUS = os.sched_getaffinity(0)
 LAST_CPU = max(ALL_CPUS)
+pytestmark = pytest.mark.skipif(len(ALL_CPUS) < 2, reason="needs 2 CPUs: one is reserved")
 
 # A process that starts N threads (sleeping until stdin closes) and reports their count.
 THREADS = """
@@ -348,3 +350,13 @@ def test_status_and_violations_json_shapes(
     [record] = [v for v in json.loads(out.stdout) if v["pid"] == job.pid]
     assert set(record) >= {"pid", "rule", "threads", "budget", "started", "ended"}
     assert record["ended"] is None and record["budget"] == 2
+
+
+def test_second_daemon_on_the_same_socket_refuses_and_the_first_keeps_serving(
+    start_daemon: StartDaemon,
+) -> None:
+    first = start_daemon()
+    second = start_daemon(daemon={"socket": str(first.socket)}, wait=False)
+    assert second.process.wait(timeout=20) != 0
+    assert "another corecapd is already listening" in second.log()
+    assert first.call("ping")["pid"] == first.process.pid
