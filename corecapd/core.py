@@ -24,7 +24,7 @@ from corecapd.events import (
     ViolationEnded,
     ViolationStarted,
 )
-from corecapd.matching import classify, loads_library
+from corecapd.matching import classify, exe_may_match, loads_library
 from corecapd.model import Observed, ProcKey
 from corecapd.policy import Policy, Rule
 from corecapd.violations import Transition, ViolationState
@@ -34,6 +34,7 @@ VIOLATION_HISTORY = 1000
 # /proc/PID/maps is re-read at doubling ages (0.1, 0.2, 0.4 ... s), so a process costs a
 # handful of reads (~2 ms each for TensorFlow) over its life, never one per scan.
 MIN_LIBRARY_REREAD = 0.1
+EXE_VERDICTS = 4096  # distinct program names remembered by the exec path's pre-filter
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,10 @@ class JobTable:
         self.jobs: dict[ProcKey, Job] = {}
         self.violations: deque[ViolationRecord] = deque(maxlen=VIOLATION_HISTORY)
         self.libraries_wanted: frozenset[ProcKey] = frozenset()
-        self._member_of: dict[ProcKey, ProcKey] = {}
+        self._member_of: dict[ProcKey, ProcKey] = {}  # process -> its job's id
+        self._member_pids: dict[int, ProcKey] = {}  # for the exec path, which has a ppid only
+        self._exec_marks: dict[ProcKey, int] = {}  # of processes classified outside any job
+        self._exe_verdicts: dict[str, bool] = {}
         self._ignored: set[ProcKey] = set()
         self._waiting: set[ProcKey] = set()  # classification may change once libraries load
         self._library_reads: dict[ProcKey, LibraryRead] = {}
@@ -102,6 +106,7 @@ class JobTable:
         """Adopt a validated policy: every process is classified afresh on the next step."""
         self.policy = policy
         self.eligible_cpus = eligible_cpus(policy, online_cpus=self.online_cpus)
+        self._exe_verdicts.clear()
         self._ignored.clear()
         self._reallocate = True
 
@@ -110,12 +115,13 @@ class JobTable:
         alive = processes.keys()
         self._ignored &= alive
         self._waiting &= alive
+        self._forget_execd(processes)
         fresh_libraries = self._note_library_reads(processes, now)
         for job in list(self.jobs.values()):
             gone = job.members - alive
             job.members -= gone
             for key in gone:
-                del self._member_of[key]
+                self._leave(key)
                 job.cpu_seconds.pop(key, None)
             if not job.members:
                 events += self._end(job, now, "exited", live_pids=())
@@ -123,14 +129,9 @@ class JobTable:
         if self._reallocate:
             events += self._reclassify_jobs(processes, now)
 
-        pid_keys = {key.pid: key for key in alive}
         known = self._ignored | self._waiting | self._member_of.keys()
         for key in sorted(alive - known, key=lambda k: (k.start_ticks, k.pid)):
-            parent = pid_keys.get(processes[key].sample.ppid)
-            if parent is not None and parent in self._member_of:
-                self._join(self.jobs[self._member_of[parent]], key)
-            else:
-                events += self._classify(processes[key], now)
+            events += self._place_new(processes[key], now)
 
         for key in self._waiting & known & fresh_libraries:
             events += self._classify(processes[key], now)
@@ -142,6 +143,51 @@ class JobTable:
 
         self.libraries_wanted = self._libraries_due(alive, now)
         return events
+
+    def admit(self, process: Observed, now: float) -> tuple[list[Event], Job | None]:
+        """The exec fast path: decide for one process that just exec'd, before any scan.
+
+        Only what exec sets is read (exe, cmdline, users; libraries load later), so the
+        job can be confined before the interpreter runs its first statement."""
+        key = process.key
+        if key in self._member_of:
+            return [], self.jobs[self._member_of[key]]  # a job's process runs a new program
+        self._ignored.discard(key)
+        self._waiting.discard(key)
+        events = self._place_new(process, now)
+        job_id = self._member_of.get(key)
+        return events, self.jobs[job_id] if job_id is not None else None
+
+    def may_match_exe(self, exe_name: str) -> bool:
+        """Whether a process running `exe_name` could become a job (cached per name)."""
+        found = self._exe_verdicts.get(exe_name)
+        if found is None:
+            if len(self._exe_verdicts) > EXE_VERDICTS:
+                self._exe_verdicts.clear()
+            found = self._exe_verdicts[exe_name] = exe_may_match(self.policy.rules, exe_name)
+        return found
+
+    def is_member(self, pid: int) -> bool:
+        return pid in self._member_pids
+
+    def _place_new(self, process: Observed, now: float) -> list[Event]:
+        """A child of a job's process joins that job; anything else is classified."""
+        parent = self._member_pids.get(process.sample.ppid)
+        if parent is not None:
+            self._join(self.jobs[self._member_of[parent]], process.key)
+            return []
+        return self._classify(process, now)
+
+    def _forget_execd(self, processes: Mapping[ProcKey, Observed]) -> None:
+        """Processes that exec'd since they were classified are classified again."""
+        for key in list(self._exec_marks):
+            observed = processes.get(key)
+            if observed is None:
+                del self._exec_marks[key]
+            elif observed.sample.exec_mark != self._exec_marks[key] and key not in self._member_of:
+                del self._exec_marks[key]
+                self._ignored.discard(key)
+                self._waiting.discard(key)
 
     # -- libraries, read from maps on a schedule -----------------------------------------
 
@@ -210,6 +256,7 @@ class JobTable:
     def _match(self, process: Observed) -> Rule | None:
         """The rule for `process` now; keeps it waiting while `loads` may still change that."""
         found = classify(process, self.policy.rules, self.daemon_pid)
+        self._exec_marks[process.key] = process.sample.exec_mark
         if found.waiting_on_libraries:
             self._waiting.add(process.key)
         else:
@@ -278,10 +325,16 @@ class JobTable:
     def _join(self, job: Job, key: ProcKey) -> None:
         job.members.add(key)
         self._member_of[key] = job.id
+        self._member_pids[key.pid] = key
+
+    def _leave(self, key: ProcKey) -> None:
+        del self._member_of[key]
+        if self._member_pids.get(key.pid) == key:
+            del self._member_pids[key.pid]
 
     def _end(self, job: Job, now: float, reason: str, live_pids: tuple[int, ...]) -> list[Event]:
         for key in job.members:
-            del self._member_of[key]
+            self._leave(key)
         self._waiting.discard(job.id)
         del self.jobs[job.id]
         events: list[Event] = []

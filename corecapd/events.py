@@ -195,3 +195,32 @@ class EnforcementFailed(JobEvent):
 
     def fields(self) -> dict[str, str]:
         return super().fields() | {"CORECAP_ERROR": self.error}
+
+
+@dataclass(frozen=True)
+class ExecEventsUnavailable(Event):
+    kind = "exec-events-unavailable"
+    message_id = "11e74ba6e21c4062adcbb34e98f3c051"
+    priority = WARNING
+    reason: str
+
+    def message(self) -> str:
+        return f"no exec events ({self.reason}): jobs are found by scanning /proc only"
+
+    def fields(self) -> dict[str, str]:
+        return {"CORECAP_REASON": self.reason}
+
+
+@dataclass(frozen=True)
+class ExecEventsLost(Event):
+    kind = "exec-events-lost"
+    message_id = "e772ab4576ec48dc9cf95082bccd51b8"
+    priority = WARNING
+    reason: str
+    total: int
+
+    def message(self) -> str:
+        return f"exec events lost ({self.reason}): rescanning /proc; {self.total} losses so far"
+
+    def fields(self) -> dict[str, str]:
+        return {"CORECAP_REASON": self.reason, "CORECAP_LOSSES": str(self.total)}

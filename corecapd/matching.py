@@ -52,15 +52,23 @@ def classify(process: Observed, rules: Iterable[Rule], daemon_pid: int) -> Class
     return Classification(None, waiting)
 
 
+def exe_may_match(rules: Iterable[Rule], exe_name: str) -> bool:
+    """Whether any rule could match a program of this file name: the exec path's first,
+    cheapest test (one readlink), which lets unrelated execs cost almost nothing."""
+    return any(_exe_matches(rule.match, exe_name) for rule in rules)
+
+
+def _exe_matches(match: Match, exe_name: str) -> bool:
+    if match.exe:
+        return any(fnmatch.fnmatchcase(exe_name, pattern) for pattern in match.exe)
+    return bool(_PYTHON_EXE.match(exe_name))
+
+
 def _matches_cheaply(match: Match, identity: Identity) -> bool:
     """Everything but `loads`: the fields read once when the process is first seen."""
     if identity.uid < FIRST_REGULAR_UID and identity.user not in match.users:
         return False
-    exe_name = os.path.basename(identity.exe)
-    if match.exe:
-        if not any(fnmatch.fnmatchcase(exe_name, pattern) for pattern in match.exe):
-            return False
-    elif not is_python(identity):
+    if not _exe_matches(match, os.path.basename(identity.exe)):
         return False
     if match.cmdline is not None and not match.cmdline.search(" ".join(identity.cmdline)):
         return False

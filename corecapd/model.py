@@ -23,6 +23,9 @@ class Sample:
     cpu_seconds: float
     started_at: float  # seconds since the epoch
     kernel_thread: bool
+    # Where the program's code and stack are mapped: exec maps a new program anew (ASLR),
+    # so a change of mark with the same key means the process exec'd something else.
+    exec_mark: int = 0
 
 
 @dataclass(frozen=True)

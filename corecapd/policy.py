@@ -39,6 +39,8 @@ class DaemonSettings:
     scan_interval: float = 1.0
     reserved_cpus: frozenset[int] = frozenset()
     socket: str = DEFAULT_SOCKET
+    exec_events: bool = True
+    realtime_priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,12 @@ def _seconds(minimum: float, maximum: float) -> Callable[[str, object], float]:
     return convert
 
 
+def _boolean(where: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _SchemaError(f"{where}: expected true or false, found {_describe(value)}")
+    return value
+
+
 def _string(where: str, value: object) -> str:
     if not isinstance(value, str):
         raise _SchemaError(f"{where}: expected a string, found {_describe(value)}")
@@ -272,6 +280,8 @@ def _build_policy(root: _Table, source: str) -> Policy:
         scan_interval=section.get("scan_interval", _seconds(0.05, 3600), 1.0),
         reserved_cpus=section.get("reserved_cpus", _cpus, frozenset()),
         socket=section.get("socket", _socket_path, DEFAULT_SOCKET),
+        exec_events=section.get("exec_events", _boolean, True),
+        realtime_priority=section.get("realtime_priority", _integer(0, 99), 0),
     )
     section.finish()
 

@@ -91,15 +91,18 @@ class ProcFS:
             cpu_seconds=(int(fields[11]) + int(fields[12])) / self.clock_ticks,
             started_at=self.boot_time + start_ticks / self.clock_ticks,
             kernel_thread=bool(int(fields[6]) & PF_KTHREAD),
+            exec_mark=hash((fields[23], fields[24], fields[25])),  # startcode, endcode, startstack
         )
 
     def identity(self, pid: int) -> Identity:
-        base = self.root / str(pid)
+        base = f"{self._prefix}{pid}"
         with vanishing(pid):
-            status = (base / "status").read_text()
-            cmdline = (base / "cmdline").read_bytes()
+            with open(f"{base}/status", "rb", buffering=0) as file:
+                status = file.read().decode()
+            with open(f"{base}/cmdline", "rb", buffering=0) as file:
+                cmdline = file.read()
             try:
-                exe = os.readlink(base / "exe")
+                exe = os.readlink(f"{base}/exe")
             except PermissionError:
                 exe = ""
         uid = gid = 0
@@ -119,6 +122,14 @@ class ProcFS:
             exe=exe.removesuffix(" (deleted)"),
             cmdline=tuple(a.decode(errors="replace") for a in cmdline.split(b"\0") if a),
         )
+
+    def exe_name(self, pid: int) -> str:
+        """The file name of the program the process runs; "" when it is hidden from us."""
+        try:
+            with vanishing(pid):
+                return os.path.basename(os.readlink(f"{self._prefix}{pid}/exe"))
+        except PermissionError:
+            return ""
 
     def libraries(self, pid: int) -> frozenset[str]:
         """File names of the shared objects mapped into the process (~2 ms for TensorFlow)."""
@@ -151,14 +162,14 @@ class Scanner:
 
     def __init__(self, procfs: ProcFS) -> None:
         self.procfs = procfs
-        self._identities: dict[ProcKey, Identity] = {}
+        self._identities: dict[ProcKey, tuple[int, Identity]] = {}  # by exec mark
         self._libraries: dict[ProcKey, frozenset[str]] = {}
 
     def scan(self, libraries_wanted: frozenset[ProcKey]) -> dict[ProcKey, Observed]:
         seen: dict[ProcKey, Observed] = {}
         for pid in self.procfs.pids():
             try:
-                observed = self._observe(pid, libraries_wanted)
+                observed = self.observe(pid, libraries_wanted)
             except (ProcessGone, PermissionError):
                 continue  # exited, or hidden from us (hidepid, an LSM): not ours to manage
             if observed is not None:
@@ -168,17 +179,30 @@ class Scanner:
                 del cache[key]
         return seen
 
-    def _observe(self, pid: int, libraries_wanted: frozenset[ProcKey]) -> Observed | None:
+    def observe(
+        self,
+        pid: int,
+        libraries_wanted: frozenset[ProcKey] = frozenset(),
+        verify: bool = True,
+    ) -> Observed | None:
+        """One process now (None for a kernel thread, or a PID reused as we read it).
+
+        `verify=False` skips the re-read that proves the process did not exec again while
+        its identity was read: the exec path saves ~100 us, and a later scan notices it."""
         sample = self.procfs.sample(pid)
         key = sample.key
         if sample.kernel_thread:
             return None
-        identity = self._identities.get(key)
-        if identity is None:
+        cached = self._identities.get(key)
+        if cached is not None and cached[0] == sample.exec_mark:
+            identity = cached[1]
+        else:
             identity = self.procfs.identity(pid)
-            if self.procfs.sample(pid).key != key:
-                return None  # the PID was reused while we read it; next scan sees the new one
-            self._identities[key] = identity
+            again = self.procfs.sample(pid) if verify else sample
+            if (again.key, again.exec_mark) != (key, sample.exec_mark):
+                return None  # reused or exec'd while we read it: the next look sees it right
+            self._identities[key] = (sample.exec_mark, identity)
+            self._libraries.pop(key, None)  # a new program maps new libraries
         if key in libraries_wanted:
             self._libraries[key] = self.procfs.libraries(pid)
         return Observed(sample, identity, self._libraries.get(key))

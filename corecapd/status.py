@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Collection, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -9,7 +11,12 @@ from corecapd.core import JobTable
 
 
 def status_document(
-    table: JobTable, mode: str, backend: str, policy_source: str, now: float
+    table: JobTable,
+    mode: str,
+    backend: str,
+    policy_source: str,
+    now: float,
+    daemon_facts: Mapping[str, Any],
 ) -> dict[str, Any]:
     jobs = sorted(table.jobs.values(), key=lambda job: job.started_at)
     return {
@@ -22,6 +29,7 @@ def status_document(
             "eligible_cpus": sorted(table.eligible_cpus),
             "jobs": len(jobs),
             "violations": sum(1 for job in jobs if job.violation.active),
+            **daemon_facts,
         },
         "jobs": [
             {
@@ -46,3 +54,16 @@ def status_document(
 
 def violations_document(table: JobTable) -> list[dict[str, Any]]:
     return [asdict(record) for record in table.violations]
+
+
+def latency_summary(samples_us: Collection[float]) -> dict[str, float] | None:
+    """count, p50, p99 and max of latencies in microseconds; None before the first."""
+    if not samples_us:
+        return None
+    ordered = sorted(samples_us)
+    return {
+        "count": len(ordered),
+        "p50": round(statistics.median(ordered), 1),
+        "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
+        "max": round(ordered[-1], 1),
+    }

@@ -854,3 +854,84 @@ def test_invariants_over_random_histories(history: list[Op], ncpus: int) -> None
         assert len(frozenset().union(*alice)) <= 3
         ongoing = [r for r in world.table.violations if r.ended is None]
         assert len(ongoing) == sum(1 for j in world.table.jobs.values() if j.record is not None)
+
+
+# -- the exec fast path ------------------------------------------------------------------
+
+
+def execs(world: World, key: ProcKey, exe: str, cmdline: tuple[str, ...], mark: int) -> Observed:
+    """The process `key` runs a new program: same PID and start, new exe and exec mark."""
+    old = world.procs[key]
+    world.procs[key] = replace(
+        old,
+        sample=replace(old.sample, exec_mark=mark),
+        identity=replace(old.identity, exe=exe, cmdline=cmdline),
+        libraries=None,
+    )
+    return world.procs[key]
+
+
+def test_admit_places_a_matching_exec_before_any_scan() -> None:
+    world = World()
+    key = world.spawn(500)
+    events, job = world.table.admit(world.procs[key], T0)
+    assert [type(e) for e in events] == [JobStarted]
+    assert job is not None and job.id == key and len(job.cpus) == 2
+    assert world.step(1) == []  # the scan finds it placed already: no second JobStarted
+    assert world.table.jobs[key].members == {key}
+
+
+def test_admit_joins_a_child_of_a_job_to_that_job() -> None:
+    world = World()
+    parent = world.spawn(500)
+    world.step(0)
+    child = world.spawn(501, ppid=500, cmdline=("python3", "-c", "worker"))
+    events, job = world.table.admit(world.procs[child], T0 + 0.5)
+    assert events == [] and job is world.table.jobs[parent]
+    assert job.members == {parent, child}
+
+
+def test_admit_of_an_unmatched_exec_is_no_job() -> None:
+    world = World()
+    key = world.spawn(500, exe="/usr/bin/bash", cmdline=("bash",))
+    assert world.table.admit(world.procs[key], T0) == ([], None)
+
+
+def test_a_process_that_execs_python_is_classified_again() -> None:
+    world = World()
+    shell = world.spawn(500, exe="/usr/bin/bash", cmdline=("bash", "run.sh"))
+    assert world.step(0) == [] and world.table.jobs == {}
+    execs(world, shell, PYTHON, ("python3", "train.py"), mark=2)
+    started = of_type(world.step(1), JobStarted)  # the scan alone notices the new program
+    assert [e.pid for e in started] == [500]
+
+
+def test_admit_decides_again_for_an_ignored_process_that_execd() -> None:
+    world = World()
+    shell = world.spawn(500, exe="/usr/bin/bash", cmdline=("bash",))
+    world.step(0)
+    process = execs(world, shell, PYTHON, ("python3", "train.py"), mark=2)
+    events, job = world.table.admit(process, T0 + 0.2)
+    assert job is not None and [type(e) for e in events] == [JobStarted]
+
+
+def test_exe_prefilter_follows_the_rules_and_reloads() -> None:
+    world = World()  # PYTHON_RULE: exe python*
+    assert world.table.may_match_exe("python3.11")
+    assert not world.table.may_match_exe("bash")
+    world.table.replace_policy(policy('[[rules]]\nname = "b"\nmatch.exe = ["ba*"]\n'))
+    assert world.table.may_match_exe("bash")
+    assert not world.table.may_match_exe("python3")
+    default_python = World('[[rules]]\nname = "u"\nmatch.users = ["alice"]\n').table
+    assert default_python.may_match_exe("pypy3") and not default_python.may_match_exe("sh")
+    assert not World("").table.may_match_exe("python3")  # no rules: nothing can match
+
+
+def test_is_member_tracks_pids_of_jobs() -> None:
+    world = World()
+    key = world.spawn(500)
+    world.step(0)
+    assert world.table.is_member(500) and not world.table.is_member(501)
+    world.kill(key)
+    world.step(1)
+    assert not world.table.is_member(500)

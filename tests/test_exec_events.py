@@ -1,0 +1,204 @@
+"""Confinement at exec: netlink process events against real processes.
+
+Scans run every 30 s in these tests, so only the exec path can confine a child before its
+first statement; a control run with `exec_events = false` shows the same check fails then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, Processes, StartDaemon, wait_for
+
+CPUS = sorted(os.sched_getaffinity(0))
+pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs: one is reserved")
+JOB_CPU = CPUS[-1]
+SLOW_SCANS = {"scan_interval": 30.0, "reserved_cpus": str(CPUS[0])}
+
+# The child's first statement: what its mask is before any Python code of ours ran.
+FIRST_STATEMENT = "import os; print(sorted(os.sched_getaffinity(0)), flush=True)"
+
+
+def confined_to(pid: int, cpus: set[int]) -> bool:
+    return os.sched_getaffinity(pid) == cpus
+
+
+def first_statement_masks(processes: Processes, count: int, *flags: str) -> list[list[int]]:
+    masks = []
+    for _ in range(count):
+        child = processes.run(
+            [PYTHON, *flags, "-c", FIRST_STATEMENT, processes.marker], stdout=subprocess.PIPE
+        )
+        out, _ = child.communicate(timeout=30)
+        masks.append(json.loads(out))
+    return masks
+
+
+@pytest.mark.parametrize("flags", [(), ("-S", "-I")], ids=["normal", "fast-start"])
+def test_children_are_confined_before_their_first_statement(
+    start_daemon: StartDaemon, processes: Processes, flags: tuple[str, ...]
+) -> None:
+    daemon = start_daemon(daemon=SLOW_SCANS)
+    assert daemon.status()["host"]["exec_events"].startswith("netlink")
+    masks = first_statement_masks(processes, 15, *flags)
+    assert masks == [[JOB_CPU]] * 15
+    latency = daemon.status()["host"]["exec_confine_us"]
+    assert latency["count"] >= 15 and 0 < latency["p50"] <= latency["max"]
+
+
+def test_without_exec_events_the_first_statement_is_unconfined(
+    start_daemon: StartDaemon, processes: Processes
+) -> None:
+    daemon = start_daemon(daemon=SLOW_SCANS | {"exec_events": False})
+    assert daemon.status()["host"]["exec_events"].startswith("none, scanning only")
+    assert daemon.events("exec-events-unavailable")
+    assert first_statement_masks(processes, 3, "-S", "-I") == [CPUS] * 3
+
+
+def test_exit_releases_cores_without_waiting_for_a_scan(
+    start_daemon: StartDaemon, processes: Processes
+) -> None:
+    daemon = start_daemon(daemon=SLOW_SCANS)
+    job = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    daemon.wait_job(job.pid)
+    assert job.stdin is not None
+    job.stdin.close()
+    job.wait(timeout=10)
+    daemon.wait_event("job-ended", timeout=5, pid=str(job.pid))
+    assert daemon.status()["jobs"] == []
+
+
+def test_a_shell_that_execs_python_is_confined_at_that_exec(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(daemon=SLOW_SCANS)
+    shell = processes.run(
+        ["sh", "-c", f"read go; exec {PYTHON} -c '{FIRST_STATEMENT}' {marker}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    time.sleep(0.3)  # the shell is seen (and ignored: not Python) first
+    assert daemon.job(shell.pid) is None
+    out, _ = shell.communicate(b"go\n", timeout=30)
+    assert json.loads(out) == [JOB_CPU]  # same PID, new program: decided again at exec
+
+
+def test_scanning_alone_notices_an_exec_into_python(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(daemon={"scan_interval": 0.1, "exec_events": False})
+    shell = processes.run(
+        ["sh", "-c", f"read go; exec {PYTHON} -c 'import sys; sys.stdin.read()' {marker}"],
+        stdin=subprocess.PIPE,
+    )
+    time.sleep(0.5)  # several scans classify the shell (not a job)
+    assert daemon.job(shell.pid) is None
+    assert shell.stdin is not None
+    shell.stdin.write(b"go\n")
+    shell.stdin.flush()
+    assert daemon.wait_job(shell.pid)["pids"] == [shell.pid]
+
+
+def test_lost_events_trigger_a_rescan_that_confines_what_was_missed(
+    start_daemon: StartDaemon, processes: Processes, storm: Path
+) -> None:
+    daemon = start_daemon(daemon=SLOW_SCANS)
+    daemon.signal(signal.SIGSTOP)  # the kernel queues events; enough of them overflow it
+    try:
+        missed = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+        flood = subprocess.run([str(storm), "3000", "4"], capture_output=True, check=True)
+        assert int(flood.stdout) > 8000
+    finally:
+        daemon.signal(signal.SIGCONT)
+    lost = daemon.wait_event("exec-events-lost", timeout=10)
+    assert "overflowed" in lost["reason"]
+    assert daemon.wait_job(missed.pid, timeout=5)["cpus"] == [JOB_CPU]
+    wait_for(lambda: os.sched_getaffinity(missed.pid) == {JOB_CPU}, timeout=5)
+    assert daemon.status()["host"]["exec_events_lost"] >= 1
+
+
+def test_storm_of_unrelated_execs_with_marked_jobs_mixed_in(
+    start_daemon: StartDaemon, processes: Processes, storm: Path, marker: str
+) -> None:
+    daemon = start_daemon(daemon={"scan_interval": 1.0, "reserved_cpus": str(CPUS[0])})
+    flood = processes.run([str(storm), "2500", "10"], stdout=subprocess.PIPE)
+    marked = []
+    slowest_ping = 0.0
+    deadline = time.monotonic() + 9
+    while time.monotonic() < deadline:
+        marked.append(
+            processes.run(
+                [PYTHON, "-S", "-I", "-c", "import sys; sys.stdin.read()", marker],
+                stdin=subprocess.PIPE,
+            )
+        )
+        started = time.monotonic()
+        daemon.call("ping")
+        slowest_ping = max(slowest_ping, time.monotonic() - started)
+        time.sleep(0.2)
+    out, _ = flood.communicate(timeout=60)
+    assert int(out) >= 20_000, "the generator fell short of 2,000 execs/s"
+    assert daemon.process.poll() is None
+    assert slowest_ping < 2.0, f"the daemon stalled: a ping took {slowest_ping:.2f} s"
+    for child in marked:  # every one confined: by its exec event, or by the rescan
+        wait_for(partial(confined_to, child.pid, {JOB_CPU}), timeout=3)
+    assert len(marked) >= 30
+
+
+@pytest.fixture(scope="session")
+def storm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/exec_storm.c, compiled: a paced fork+exec generator."""
+    binary = tmp_path_factory.mktemp("storm") / "exec_storm"
+    source = Path(__file__).with_name("exec_storm.c")
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+def test_listen_message_layout_for_old_and_new_kernels() -> None:
+    from corecapd.proc_events import kernel_filters_events
+
+    assert kernel_filters_events("6.6.0-generic") and kernel_filters_events("6.18.44-fc")
+    assert not kernel_filters_events("6.5.13") and not kernel_filters_events("5.15.0-91")
+    assert not kernel_filters_events("garbage")
+    assert sys.platform == "linux"
+
+
+def test_parse_keeps_exec_and_process_exit_and_drops_thread_exit() -> None:
+    from corecapd.proc_events import (
+        PROC_EVENT_EXEC,
+        PROC_EVENT_EXIT,
+        ProcEvent,
+        encode_event,
+        parse_messages,
+    )
+
+    data = (
+        encode_event(PROC_EVENT_EXEC, 0, 1, 111, 40, 40)
+        + encode_event(PROC_EVENT_EXIT, 0, 2, 222, 41, 40)  # a thread of 40 ends
+        + encode_event(PROC_EVENT_EXIT, 1, 7, 333, 40, 40)
+        + encode_event(0x1, 1, 8, 444, 50, 50)  # FORK: not ours
+    )
+    assert parse_messages(data, None) == [
+        ProcEvent(True, 40, 111),
+        ProcEvent(False, 40, 333),
+    ]
+
+
+def test_sequence_gap_is_loss_when_unfiltered() -> None:
+    from corecapd.proc_events import PROC_EVENT_EXEC, EventsLost, encode_event, parse_messages
+
+    sequences: dict[int, int] = {}
+    parse_messages(encode_event(PROC_EVENT_EXEC, 0, 5, 1, 40, 40), sequences)
+    parse_messages(encode_event(PROC_EVENT_EXEC, 1, 9, 1, 41, 41), sequences)  # other CPU
+    parse_messages(encode_event(PROC_EVENT_EXEC, 0, 6, 1, 42, 42), sequences)
+    with pytest.raises(EventsLost, match="CPU 0 jumped from 6 to 9"):
+        parse_messages(encode_event(PROC_EVENT_EXEC, 0, 9, 1, 43, 43), sequences)
+    assert parse_messages(b"\x00" * 10, sequences) == []  # a runt datagram is no event
