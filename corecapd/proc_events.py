@@ -127,6 +127,7 @@ def parse_messages(data: bytes, sequences: dict[int, int] | None) -> list[ProcEv
 
 def encode_event(what: int, cpu: int, seq: int, timestamp_ns: int, pid: int, tgid: int) -> bytes:
     """One netlink datagram as the kernel sends it (for tests and benchmarks)."""
-    event = _EVENT.pack(what, cpu, timestamp_ns, pid, tgid) + bytes(8)  # exit_code, signal
+    # The kernel sends the whole union: 24 bytes after what, cpu and timestamp (76 in all).
+    event = _EVENT.pack(what, cpu, timestamp_ns, pid, tgid) + bytes(16)
     body = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, seq, 0, len(event), 0) + event
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), NLMSG_DONE, 0, 0, 0) + body
