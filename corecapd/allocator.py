@@ -2,15 +2,21 @@
 
 Free cores first; when the pool runs out, the least loaded ones, and the grant says so.
 A user's jobs together never hold more distinct cores than the user's cap.
+
+With a `Topology`, the free cores are chosen together: on one NUMA node where the job fits
+(else one package, else the fewest nodes), whole physical cores before single SMT siblings.
+With `allowed` (the process's cgroup cpuset: Slurm, Kubernetes, a container), nothing outside
+it is granted.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from corecapd.cpulist import format_cpulist
+from corecapd.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,7 @@ class Holding:
 class Grant:
     cpus: frozenset[int]
     shared: bool  # some of these cores are also held by other jobs
-    notes: tuple[str, ...]  # why the grant is smaller than asked, or shared
+    notes: tuple[str, ...]  # why the grant is smaller than asked, shared, or spread over nodes
 
 
 def allocate(
@@ -32,35 +38,52 @@ def allocate(
     eligible: frozenset[int],
     holdings: Iterable[Holding],
     user_cap: int | None,
+    topology: Topology | None = None,
+    allowed: frozenset[int] | None = None,
 ) -> Grant:
-    """Grant up to `requested` cores out of `eligible` (online minus reserved)."""
-    if not eligible:
-        raise ValueError("no eligible CPUs to allocate from")
+    """Grant up to `requested` cores out of `eligible` (online minus reserved) and `allowed`."""
+    pool = _pool(eligible, allowed, topology)
     load: Counter[int] = Counter()
     user_held: set[int] = set()
     for holding in holdings:
-        load.update(holding.cpus & eligible)
+        load.update(holding.cpus & pool)
         if holding.user == user:
             user_held |= holding.cpus & eligible
 
     notes: list[str] = []
     size = requested
-    if size > len(eligible):
-        size = len(eligible)
-        notes.append(
-            f"asked for {requested} CPUs, only {len(eligible)} are eligible"
-            f" ({format_cpulist(eligible)})"
-        )
-    new_allowed = len(eligible)
+    if size > len(pool):
+        size = len(pool)
+        if allowed is None or pool == eligible:
+            why = f"are eligible ({format_cpulist(pool)})"
+        else:
+            why = (
+                f"of the eligible CPUs ({format_cpulist(eligible)}) are within the job's"
+                f" cpuset ({format_cpulist(allowed)})"
+            )
+        notes.append(f"asked for {requested} CPUs, only {len(pool)} {why}")
+    new_allowed = len(pool)  # cores the user does not hold yet that this job may take
     if user_cap is not None:
         if size > user_cap:
             size = user_cap
             notes.append(f"user {user} is capped at {user_cap} CPUs")
         new_allowed = max(0, user_cap - len(user_held))
 
-    # Least loaded first; among equals the user's own cores (they count against no cap), then id.
-    chosen: list[int] = []
-    for cpu in sorted(eligible, key=lambda c: (load[c], c not in user_held, c)):
+    # Free cores first (all of them are new to the user), as many as size and cap allow.
+    free = sorted(cpu for cpu in pool if not load[cpu])
+    fresh = min(size, new_allowed, len(free))
+    chosen = _pick_free(fresh, free, topology) if topology else free[:fresh]
+    new_allowed -= fresh
+
+    # Then the least loaded; among equals the user's own cores (they count against no cap),
+    # then those on the NUMA nodes the grant already uses, then id.
+    near = {topology.by_id[cpu].node for cpu in chosen} if topology else set()
+
+    def rank(cpu: int) -> tuple[int, bool, bool, int]:
+        far = topology is not None and topology.by_id[cpu].node not in near
+        return (load[cpu], cpu not in user_held, far, cpu)
+
+    for cpu in sorted(pool.difference(free), key=rank):
         if len(chosen) == size:
             break
         if cpu not in user_held:
@@ -69,9 +92,113 @@ def allocate(
             new_allowed -= 1
         chosen.append(cpu)
 
+    if size and not chosen:
+        # The cap is used up by cores outside this job's cpuset: a job cannot run on nothing.
+        chosen = [min(pool, key=lambda cpu: (load[cpu], cpu))]
+        notes.append(
+            f"user {user} already holds its cap of {user_cap} CPUs"
+            f" ({format_cpulist(user_held)}), none of them within the job's cpuset"
+            f" ({format_cpulist(pool)}): granted 1 CPU beyond the cap"
+        )
+
     cpus = frozenset(chosen)
     shared = any(load[c] for c in cpus)
     if shared:
         busy = format_cpulist(c for c in cpus if load[c])
         notes.append(f"no free CPUs left: sharing the least loaded ({busy})")
+    if topology is not None:
+        nodes = {topology.by_id[cpu].node for cpu in cpus}
+        if len(nodes) > 1:
+            notes.append(f"spread over NUMA nodes {format_cpulist(nodes)}")
     return Grant(cpus=cpus, shared=shared, notes=tuple(notes))
+
+
+def _pool(
+    eligible: frozenset[int], allowed: frozenset[int] | None, topology: Topology | None
+) -> frozenset[int]:
+    """The CPUs this job may get at all: eligible, and inside its cpuset if it has one."""
+    if not eligible:
+        raise ValueError("no eligible CPUs to allocate from")
+    if topology is not None and not eligible <= topology.online:
+        raise ValueError(
+            f"eligible CPUs {format_cpulist(eligible - topology.online)} are not in the"
+            f" topology (online CPUs {format_cpulist(topology.online)})"
+        )
+    if allowed is None:
+        return eligible
+    pool = eligible & allowed
+    if not pool:
+        raise ValueError(
+            f"none of the eligible CPUs ({format_cpulist(eligible)}) is within the job's"
+            f" cpuset ({format_cpulist(allowed) or 'empty'})"
+        )
+    return pool
+
+
+def _pick_free(count: int, free: list[int], topology: Topology) -> list[int]:
+    """`count` of the `free` CPUs, on as few NUMA nodes as fit, whole cores first."""
+    if not count:
+        return []
+    free_set = frozenset(free)
+    cores_in: defaultdict[int, list[list[int]]] = defaultdict(list)  # node -> its free cores
+    seen: set[int] = set()
+    for cpu in free:  # ascending, so each node's cores come in order of their first CPU
+        if cpu not in seen:
+            node = topology.by_id[cpu].node
+            core = sorted(topology.siblings(cpu) & free_set & topology.nodes[node])
+            seen.update(core)
+            cores_in[node].append(core)
+
+    chosen: list[int] = []
+    for node in _home_nodes(count, cores_in, topology):
+        chosen += _take(count - len(chosen), cores_in[node], topology)
+    return chosen
+
+
+def _home_nodes(count: int, cores_in: dict[int, list[list[int]]], topology: Topology) -> list[int]:
+    """The nodes to fill, in order: the best-fitting node that holds `count` free CPUs;
+    else the nodes of the best-fitting package that does, largest first; else all nodes,
+    largest first (the fewest nodes)."""
+    free_in = {node: sum(map(len, cores)) for node, cores in cores_in.items()}
+    threads = max(map(len, topology.cores.values()))
+    whole_wanted = count - count % threads  # the CPUs that could come as whole cores
+    fits = [node for node, free in free_in.items() if free >= count]
+    if fits:
+
+        def fit(node: int) -> tuple[bool, int, int]:
+            whole = sum(len(core) for core in cores_in[node] if _whole(core, topology))
+            return (whole < whole_wanted, free_in[node], node)
+
+        return [min(fits, key=fit)]
+
+    package_of = {node: topology.by_id[min(topology.nodes[node])].package for node in free_in}
+    free_per_package: Counter[int] = Counter()
+    for node, free in free_in.items():
+        free_per_package[package_of[node]] += free
+    packages = [package for package, free in free_per_package.items() if free >= count]
+    nodes = list(free_in)
+    if packages:
+        home = min(packages, key=lambda package: (free_per_package[package], package))
+        nodes = [node for node in nodes if package_of[node] == home]
+    return sorted(nodes, key=lambda node: (-free_in[node], node))
+
+
+def _take(need: int, cores: list[list[int]], topology: Topology) -> list[int]:
+    """`need` CPUs from one node's free cores: whole cores that fit entirely, then cores
+    already partly busy (so no whole core is split while a broken one would do), then the
+    remaining whole cores."""
+    taken: list[int] = []
+    whole_left: list[list[int]] = []
+    for core in (core for core in cores if _whole(core, topology)):
+        if len(core) <= need - len(taken):
+            taken += core
+        else:
+            whole_left.append(core)
+    partial = sorted((core for core in cores if not _whole(core, topology)), key=len, reverse=True)
+    for core in partial + whole_left:
+        taken += core[: need - len(taken)]
+    return taken
+
+
+def _whole(free_core: list[int], topology: Topology) -> bool:
+    return len(free_core) == len(topology.siblings(free_core[0]))

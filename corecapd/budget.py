@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from corecapd.declaration import Settings
+
 # TensorFlow: fixed runtime threads (Python main, TF's own housekeeping, Eigen's spare,
 # tf.data's iterator) + per core: an intra-op and an inter-op thread plus tf.data workers.
 TF_FIXED_THREADS = 6
@@ -24,6 +26,30 @@ PYTHON_THREADS_PER_CPU = 2
 class Budget:
     threads: int
     basis: str  # how it was derived, shown by `corecapctl status` and in violations
+
+
+# A registered job's budget: its declared pools, the threads TensorFlow runs besides them
+# (main, graph runner, the spare threads each pool keeps), and tf.data's private pool twice
+# (its autotuner and prefetch threads grow with it). Measured (docs/budgets.md): a Keras fit
+# with intra/inter/data = 1/1/1 peaks at 10 threads, 8/8/8 at 38, 16/16/16 at 70.
+RUNTIME_THREADS = 11
+DATA_WORKER_WEIGHT = 2
+
+
+def declared_budget(settings: Settings, slack: int) -> Budget:
+    """The budget of a job that registered: what it declared, plus the runtime."""
+    declared = (
+        settings.intra_op
+        + settings.inter_op
+        + DATA_WORKER_WEIGHT * settings.data_workers
+        + settings.blas
+    )
+    basis = (
+        f"declared: intra {settings.intra_op} + inter {settings.inter_op}"
+        f" + {DATA_WORKER_WEIGHT}x data {settings.data_workers} + BLAS {settings.blas}"
+        f" + {RUNTIME_THREADS} runtime + {slack} slack"
+    )
+    return Budget(declared + RUNTIME_THREADS + slack, basis)
 
 
 def thread_budget(cpus: int, tensorflow: bool, max_threads: int | None, slack: int) -> Budget:

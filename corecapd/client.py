@@ -15,7 +15,7 @@ class DaemonUnreachable(Exception):
     """No daemon answered at the socket path."""
 
 
-def call(socket_path: Path, command: str, timeout: float = 10.0) -> Any:
+def call(socket_path: Path, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
     """Send one request and return its result; RemoteError if the daemon refused it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
@@ -27,7 +27,7 @@ def call(socket_path: Path, command: str, timeout: float = 10.0) -> Any:
                 " (is corecapd running? is --socket right?)"
             ) from None
         try:
-            sock.sendall(encode_request(command))
+            sock.sendall(encode_request(command, **arguments))
             reply = _read_line(sock)
         except OSError as err:
             raise DaemonUnreachable(f"corecapd at {socket_path} did not answer: {err}") from None

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corecapd.allocator import Holding, allocate
-from corecapd.budget import Budget, thread_budget
+from corecapd.budget import Budget, declared_budget, thread_budget
+from corecapd.declaration import Registration, Settings, resolve
 from corecapd.events import (
     Event,
     JobChanged,
@@ -26,10 +27,12 @@ from corecapd.events import (
 )
 from corecapd.matching import classify, exe_may_match, loads_library
 from corecapd.model import Observed, ProcKey
-from corecapd.policy import Policy, Rule
+from corecapd.policy import Match, Policy, Rule
+from corecapd.protocol import EpochReport
 from corecapd.violations import Transition, ViolationState
 
 VIOLATION_HISTORY = 1000
+EPOCHS_KEPT = 100  # per-epoch thread counts a job's Keras callback reported
 # Libraries load late (TensorFlow ~2 s after exec; a notebook may import it after hours).
 # /proc/PID/maps is re-read at doubling ages (0.1, 0.2, 0.4 ... s), so a process costs a
 # handful of reads (~2 ms each for TensorFlow) over its life, never one per scan.
@@ -53,6 +56,7 @@ class ViolationRecord:
     budget: int
     started: float
     ended: float | None = None
+    diagnosis: str = ""
 
 
 @dataclass
@@ -74,6 +78,9 @@ class Job:
     record: ViolationRecord | None = None
     cpu_seconds: dict[ProcKey, float] = field(default_factory=dict)
     sampled_at: float | None = None
+    registration: Registration | None = None  # what the job declared, if it registered
+    settings: Settings | None = None  # its declaration resolved against its grant
+    epochs: deque[EpochReport] = field(default_factory=lambda: deque(maxlen=EPOCHS_KEPT))
 
     @property
     def pid(self) -> int:
@@ -158,6 +165,34 @@ class JobTable:
         job_id = self._member_of.get(key)
         return events, self.jobs[job_id] if job_id is not None else None
 
+    def register(
+        self, process: Observed, registration: Registration, now: float
+    ) -> tuple[list[Event], Job]:
+        """A process declares itself (over the socket): it becomes a job of its own, or
+        updates its job, and its grant and budget follow what it declared."""
+        key = process.key
+        owner = self._member_of.get(key)
+        if owner is not None and owner != key:
+            self.jobs[owner].members.discard(key)  # a worker of a job registering for itself
+            self._leave(key)
+        self._ignored.discard(key)
+        self._waiting.discard(key)
+        job = self.jobs.get(key)
+        kind: type[JobStarted] = JobChanged
+        if job is None:
+            job = self._new_job(process, self._match(process) or self._registered_rule())
+            kind = JobStarted
+        job.registration = registration
+        return [self._place(job, kind)], job
+
+    def job_of(self, pid: int) -> Job | None:
+        key = self._member_pids.get(pid)
+        return None if key is None else self.jobs[self._member_of[key]]
+
+    def _registered_rule(self) -> Rule:
+        """The rule of a job that registered but matches no rule: the policy's defaults."""
+        return Rule("registered", Match(), self.policy.defaults.cpus)
+
     def may_match_exe(self, exe_name: str) -> bool:
         """Whether a process running `exe_name` could become a job (cached per name)."""
         found = self._exe_verdicts.get(exe_name)
@@ -226,8 +261,8 @@ class JobTable:
 
     def _classify(self, process: Observed, now: float) -> list[Event]:
         key = process.key
-        found = self._match(process)
         job = self.jobs.get(key)
+        found = self._rule_for(process, job)
         if found is None:
             if job is not None:
                 return self._end(job, now, "no rule matches any more", tuple(self._pids(job)))
@@ -235,23 +270,34 @@ class JobTable:
                 self._ignored.add(key)
             return []
         if job is None:
-            job = Job(
-                id=key,
-                user=process.identity.user,
-                rule=found,
-                started_at=process.sample.started_at,
-                members=set(),
-                threads=process.sample.threads,
-            )
-            self.jobs[key] = job
-            self._join(job, key)
-            self._note_libraries(job, process)
+            job = self._new_job(process, found)
             return [self._place(job, JobStarted)]
         self._note_libraries(job, process)
         if found != job.rule:
             job.rule = found
             return [self._place(job, JobChanged)]
         return []
+
+    def _new_job(self, process: Observed, rule: Rule) -> Job:
+        job = Job(
+            id=process.key,
+            user=process.identity.user,
+            rule=rule,
+            started_at=process.sample.started_at,
+            members=set(),
+            threads=process.sample.threads,
+        )
+        self.jobs[job.id] = job
+        self._join(job, job.id)
+        self._note_libraries(job, process)
+        return job
+
+    def _rule_for(self, process: Observed, job: Job | None) -> Rule | None:
+        """The rule now; a job that registered keeps one even when no rule matches it."""
+        found = self._match(process)
+        if found is None and job is not None and job.registration is not None:
+            return self._registered_rule()
+        return found
 
     def _match(self, process: Observed) -> Rule | None:
         """The rule for `process` now; keeps it waiting while `loads` may still change that."""
@@ -269,7 +315,7 @@ class JobTable:
         events: list[Event] = []
         for job in list(self.jobs.values()):
             root = processes.get(job.id)
-            found = self._match(root) if root is not None else job.rule
+            found = self._rule_for(root, job) if root is not None else job.rule
             if found is None:
                 events += self._end(job, now, "no rule matches any more", tuple(self._pids(job)))
             else:
@@ -291,14 +337,23 @@ class JobTable:
             if other is not job and other.cpus
         ]
         limits = self.policy.users.get(job.user)
+        requested, notes = job.rule.cpus, tuple[str, ...]()
+        asked = job.registration.declaration.cpus if job.registration else None
+        if asked is not None:
+            requested = min(asked, job.rule.cpus)
+            if asked > job.rule.cpus:
+                notes = (f"asked for {asked} CPUs, rule {job.rule.name} allows {job.rule.cpus}",)
         grant = allocate(
-            job.rule.cpus,
+            requested,
             job.user,
             self.eligible_cpus,
             holdings,
             limits.max_cpus if limits else None,
         )
-        job.cpus, job.notes = grant.cpus, grant.notes
+        job.cpus, job.notes = grant.cpus, notes + grant.notes
+        if job.registration is not None:
+            job.settings = resolve(job.registration.declaration, len(job.cpus))
+            job.notes += job.settings.oversubscribed()
         self._set_budget(job)
         return event(
             **self._facts(job),
@@ -308,6 +363,10 @@ class JobTable:
         )
 
     def _set_budget(self, job: Job) -> None:
+        """Declared, else the rule's max_threads, else derived from the cores."""
+        if job.settings is not None:
+            job.budget = declared_budget(job.settings, self.policy.defaults.thread_slack)
+            return
         job.budget = thread_budget(
             len(job.cpus),
             job.tensorflow,

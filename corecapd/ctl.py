@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     violations.add_argument("--json", action="store_true", help="machine-readable output")
     violations.set_defaults(run=_violations)
 
+    explain = commands.add_parser("explain", help="why a job has the threads it has")
+    explain.add_argument("pid", type=int, help="a PID of the job (any of its processes)")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.set_defaults(run=_explain)
+
     check = commands.add_parser("check", help="validate a policy file (no daemon needed)")
     check.add_argument("file", type=Path)
     check.set_defaults(run=_check)
@@ -80,6 +85,12 @@ def _violations(args: argparse.Namespace) -> int:
         print(json.dumps(records, indent=2))
         return 0
     print(format_violations(records))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    report = call(_socket(args), "explain", pid=args.pid)
+    print(json.dumps(report, indent=2) if args.json else format_explanation(report))
     return 0
 
 
@@ -122,6 +133,39 @@ def format_status(document: dict[str, Any]) -> str:
     header = ["PID", "USER", "RULE", "CPUS", "THREADS/BUDGET", "CPU%", "STATE", "AGE"]
     if rows:
         lines += ["", *_table(header, rows)]
+    return "\n".join(lines)
+
+
+def format_explanation(report: dict[str, Any]) -> str:
+    declared = report["declared"]
+    lines = [
+        f"PID {report['pid']} (job {report['job']}, rule {report['rule']}): {report['state']},"
+        f" {report['threads']} threads, budget {report['budget']} on {report['cpus']} CPUs",
+        f"budget: {report['budget_basis']}",
+        "declared: "
+        + (
+            ", ".join(f"{k} {v}" for k, v in declared.items())
+            if declared
+            else "nothing (the job did not register)"
+        ),
+        "pools reported: "
+        + (", ".join(f"{p['layer']} {p['threads']}" for p in report["pools"]) or "none"),
+        "threads by name: "
+        + ", ".join(
+            f"{name} {count}"
+            for name, count in sorted(report["thread_names"].items(), key=lambda i: -i[1])
+        ),
+        "environment: "
+        + (
+            " ".join(f"{k}={v}" for k, v in report["environment"].items())
+            or "no threading variables"
+        ),
+    ]
+    if report["epochs"]:
+        epochs = ", ".join(f"{e['epoch']}: {e['threads']}" for e in report["epochs"])
+        lines.append(f"threads per epoch: {epochs}")
+    lines.append("diagnosis:")
+    lines += [f"  - {hint}" for hint in report["hints"]] or ["  no single layer stands out"]
     return "\n".join(lines)
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from corecapd import __version__
 from corecapd.core import Job, JobTable, eligible_cpus
 from corecapd.cpulist import format_cpulist
+from corecapd.declaration import Registration
+from corecapd.diagnosis import THREADING_VARIABLES, Diagnosis, Evidence, JobFacts, diagnose
 from corecapd.enforcement import Backend, EnforcementError, NoBackend, choose_backend
 from corecapd.events import (
     DaemonStarted,
@@ -32,6 +35,7 @@ from corecapd.events import (
     JobEnded,
     PolicyRejected,
     PolicyReloaded,
+    ViolationStarted,
 )
 from corecapd.journal import Reporter, under_journal
 from corecapd.model import ProcKey
@@ -40,7 +44,12 @@ from corecapd.proc_events import EventsLost, ProcEvent, ProcEventSocket
 from corecapd.procfs import ProcessGone, ProcFS, Scanner, online_cpus
 from corecapd.protocol import CommandFailed, Request
 from corecapd.server import Peer, SocketServer
-from corecapd.status import latency_summary, status_document, violations_document
+from corecapd.status import (
+    grant_document,
+    latency_summary,
+    status_document,
+    violations_document,
+)
 
 # Policy keys that only a restart applies: the socket, the backend and the event source.
 RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority")
@@ -148,7 +157,7 @@ class Daemon:
             self._failed &= self.table.jobs.keys()
             for job in self.table.jobs.values():
                 events += self._enforce(job, sorted(key.pid for key in job.members))
-        for event in events:
+        for event in self._explained(events):
             self.reporter.emit(event)
         self.reporter.notify(self._status_line())
 
@@ -255,7 +264,87 @@ class Daemon:
             return violations_document(self.table)
         if request.command == "reload":
             return self.reload()
+        if request.command == "register" and request.registration is not None:
+            grant = self._register(request.registration, peer)
+            if request.pid not in (None, peer.pid):
+                grant["notes"].append(
+                    f"registered PID {peer.pid}, the caller; a process can only register"
+                    f" itself, not PID {request.pid}"
+                )
+            return grant
+        if request.command == "report" and request.report is not None:
+            job = self.table.job_of(peer.pid)
+            if job is None:
+                raise CommandFailed(f"PID {peer.pid} is in no job: register first")
+            job.epochs.append(request.report)
+            return {"job": job.pid}
+        if request.command == "explain" and request.pid is not None:
+            return self._explain(request.pid)
         raise CommandFailed(f"unhandled command {request.command!r}")
+
+    def _register(self, registration: Registration, peer: Peer) -> dict[str, Any]:
+        """The caller (by SO_PEERCRED, never by what it says) declares itself a job."""
+        try:
+            process = self.scanner.observe(peer.pid)
+        except (ProcessGone, PermissionError):
+            process = None
+        if process is None:
+            raise CommandFailed(f"PID {peer.pid} cannot be read in /proc: nothing to register")
+        events, job = self.table.register(process, registration, time.time())
+        if self.enforcing:
+            events += self._enforce(job, sorted(key.pid for key in job.members))
+        for event in events:
+            self.reporter.emit(event)
+        return grant_document(job, self.enforcing)
+
+    def _explain(self, pid: int) -> dict[str, Any]:
+        job = self.table.job_of(pid)
+        if job is None:
+            raise CommandFailed(f"PID {pid} is in no job (corecapctl status lists the jobs)")
+        diagnosis = self._diagnose(job)
+        return {
+            "pid": pid,
+            "job": job.pid,
+            "rule": job.rule.name,
+            "state": "violation" if job.violation.active else "ok",
+            "budget_basis": job.budget.basis,
+            "epochs": [{"epoch": e.epoch, "threads": e.threads} for e in job.epochs],
+            **diagnosis.as_dict(),
+        }
+
+    def _diagnose(self, job: Job) -> Diagnosis:
+        """Read the evidence (thread names, environment) and ask the pure diagnosis."""
+        names: Counter[str] = Counter()
+        for key in job.members:
+            with contextlib.suppress(ProcessGone, PermissionError):
+                names += self.scanner.procfs.thread_names(key.pid)
+        try:
+            environment = self.scanner.procfs.environment(job.pid, THREADING_VARIABLES)
+            process_name = self.scanner.procfs.comm(job.pid)
+        except (ProcessGone, PermissionError):
+            environment, process_name = {}, ""
+        facts = JobFacts(
+            cpus=len(job.cpus),
+            threads=job.threads,
+            budget=job.budget.threads,
+            tensorflow=job.tensorflow,
+            settings=job.settings,
+            pools=job.registration.pools if job.registration else (),
+        )
+        return diagnose(facts, Evidence(names, environment, process_name))
+
+    def _explained(self, events: list[Event]) -> list[Event]:
+        """Violation onsets carry their diagnosis (read now, while the threads exist)."""
+        explained: list[Event] = []
+        for event in events:
+            job = self.table.job_of(event.pid) if isinstance(event, ViolationStarted) else None
+            if isinstance(event, ViolationStarted) and job is not None:
+                summary = self._diagnose(job).summary()
+                if job.record is not None:
+                    job.record.diagnosis = summary
+                event = dataclasses.replace(event, diagnosis=summary)
+            explained.append(event)
+        return explained
 
     def _exec_events_state(self) -> dict[str, Any]:
         if not isinstance(self.exec_events, ProcEventSocket):

@@ -154,12 +154,17 @@ class ViolationStarted(JobEvent):
     kind = "violation-started"
     message_id = "949e558bffc54b94af9af70301abaaab"
     priority = WARNING
+    diagnosis: str = ""  # the layer and the setting that would fix it (corecapd.diagnosis)
 
     def message(self) -> str:
-        return (
+        text = (
             f"PID {self.pid} (rule {self.rule}) over budget: {self.threads} threads,"
             f" budget {self.budget}, on CPUs {format_cpulist(self.cpus)}"
         )
+        return f"{text}: {self.diagnosis}" if self.diagnosis else text
+
+    def fields(self) -> dict[str, str]:
+        return super().fields() | {"CORECAP_DIAGNOSIS": self.diagnosis}
 
 
 @dataclass(frozen=True)

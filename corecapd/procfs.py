@@ -13,6 +13,8 @@ import errno
 import grp
 import os
 import pwd
+from collections import Counter
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -122,6 +124,33 @@ class ProcFS:
             exe=exe.removesuffix(" (deleted)"),
             cmdline=tuple(a.decode(errors="replace") for a in cmdline.split(b"\0") if a),
         )
+
+    def thread_names(self, pid: int) -> Counter[str]:
+        """How many of the process's threads carry each name (comm)."""
+        names: Counter[str] = Counter()
+        for tid in self.thread_ids(pid):
+            try:
+                with vanishing(pid), open(f"{self._prefix}{pid}/task/{tid}/comm", "rb") as file:
+                    names[file.read().decode(errors="replace").strip()] += 1
+            except ProcessGone:
+                continue  # that thread ended; the others still count
+        return names
+
+    def environment(self, pid: int, names: Iterable[str]) -> dict[str, str]:
+        """The values of `names` in the process's environment (as it was at exec)."""
+        wanted = set(names)
+        with vanishing(pid), open(f"{self._prefix}{pid}/environ", "rb") as file:
+            raw = file.read()
+        found = {}
+        for entry in raw.split(b"\0"):
+            name, sep, value = entry.decode(errors="replace").partition("=")
+            if sep and name in wanted:
+                found[name] = value
+        return found
+
+    def comm(self, pid: int) -> str:
+        with vanishing(pid), open(f"{self._prefix}{pid}/comm", "rb") as file:
+            return file.read().decode(errors="replace").strip()
 
     def exe_name(self, pid: int) -> str:
         """The file name of the program the process runs; "" when it is hidden from us."""

@@ -1,7 +1,14 @@
 """The socket protocol: one JSON object per line each way. Pure codec, validated here.
 
-Request:  {"command": "status"}            (commands: ping, status, violations, reload)
+Request:  {"command": "status"}            (ping, status, violations, reload)
+          {"command": "explain", "pid": 1234}
+          {"command": "register", "declaration": {"cpus": 2, "intra_op": null, ...},
+           "tensorflow_initialized": false, "pools": [{"layer": "openblas", "threads": 2}]}
+          {"command": "report", "epoch": 3, "threads": 15}
 Reply:    {"ok": true, "result": ...}  or  {"ok": false, "error": "what was wrong"}
+
+`register` and `report` speak for the calling process, identified by SO_PEERCRED: a
+client can only ever register itself.
 """
 
 from __future__ import annotations
@@ -10,8 +17,20 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from corecapd.declaration import DeclarationError, Registration, registration_from
+
 MAX_LINE = 64 * 1024
-COMMANDS = ("ping", "status", "violations", "reload")
+# Each command and the keys its request may carry besides "command".
+COMMANDS: dict[str, frozenset[str]] = {
+    "ping": frozenset(),
+    "status": frozenset(),
+    "violations": frozenset(),
+    "reload": frozenset(),
+    "explain": frozenset({"pid"}),
+    # "pid" is accepted and ignored: a process registers itself, whatever it claims
+    "register": frozenset({"declaration", "tensorflow_initialized", "pools", "pid"}),
+    "report": frozenset({"epoch", "threads"}),
+}
 ROOT_ONLY = frozenset({"reload"})
 
 
@@ -28,8 +47,17 @@ class RemoteError(Exception):
 
 
 @dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    threads: int
+
+
+@dataclass(frozen=True)
 class Request:
     command: str
+    pid: int | None = None  # explain; for register, the PID a client claimed (ignored)
+    registration: Registration | None = None  # register
+    report: EpochReport | None = None  # report
 
 
 def decode_request(line: bytes) -> Request:
@@ -46,14 +74,32 @@ def decode_request(line: bytes) -> Request:
         raise ProtocolError('request needs "command": a string')
     if command not in COMMANDS:
         raise ProtocolError(f"unknown command {command[:64]!r} (known: {', '.join(COMMANDS)})")
-    extra = sorted(set(message) - {"command"})
+    extra = sorted(set(message) - {"command"} - COMMANDS[command])
     if extra:
         raise ProtocolError(f"unknown key {extra[0][:64]!r} in {command} request")
+    if command == "explain":
+        return Request(command, pid=_count(message, "pid", 1, 1 << 22))
+    if command == "report":
+        epoch = _count(message, "epoch", 0, 1 << 31)
+        return Request(command, report=EpochReport(epoch, _count(message, "threads", 1, 1 << 22)))
+    if command == "register":
+        claimed = _count(message, "pid", 1, 1 << 22) if "pid" in message else None
+        try:
+            return Request(command, pid=claimed, registration=registration_from(message))
+        except DeclarationError as err:
+            raise ProtocolError(f"register: {err}") from None
     return Request(command)
 
 
-def encode_request(command: str) -> bytes:
-    return json.dumps({"command": command}).encode() + b"\n"
+def _count(message: dict[str, Any], key: str, lowest: int, highest: int) -> int:
+    value = message.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
+        raise ProtocolError(f'{message["command"]} needs "{key}": an integer {lowest}-{highest}')
+    return value
+
+
+def encode_request(command: str, **arguments: Any) -> bytes:
+    return json.dumps({"command": command, **arguments}).encode() + b"\n"
 
 
 def encode_result(result: Any) -> bytes:

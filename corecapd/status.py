@@ -7,7 +7,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import asdict
 from typing import Any
 
-from corecapd.core import JobTable
+from corecapd.core import Job, JobTable
 
 
 def status_document(
@@ -66,4 +66,26 @@ def latency_summary(samples_us: Collection[float]) -> dict[str, float] | None:
         "p50": round(statistics.median(ordered), 1),
         "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
         "max": round(ordered[-1], 1),
+    }
+
+
+def grant_document(job: Job, enforced: bool) -> dict[str, Any]:
+    """The answer to `register`: what the job got, and what it should run."""
+    settings = job.settings
+    return {
+        "pid": job.pid,
+        "rule": job.rule.name,
+        "cpus": sorted(job.cpus),
+        "settings": None
+        if settings is None
+        else {
+            "intra_op": settings.intra_op,
+            "inter_op": settings.inter_op,
+            "data_workers": settings.data_workers,
+            "blas": settings.blas,
+        },
+        "budget": job.budget.threads,
+        "budget_basis": job.budget.basis,
+        "notes": list(job.notes),
+        "enforced": enforced,
     }

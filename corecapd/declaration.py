@@ -1,0 +1,143 @@
+"""What a job declares it will run, resolved against the cores it was granted. Pure.
+
+Shared by the daemon (budgets, diagnosis) and the job library (what to apply), so both
+sides derive the same numbers: a layer left unset gets one thread per granted core, except
+inter-op, which gets at most 2 (TensorFlow runs few independent ops at once in a training
+step; each inter-op thread is one more thread the budget must carry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+MAX_DECLARED = 4096
+DEFAULT_INTER_OP = 2
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """The job's own words; None = "derive it from my grant"."""
+
+    cpus: int | None = None
+    intra_op: int | None = None
+    inter_op: int | None = None
+    data_workers: int | None = None
+    blas: int | None = None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every threaded layer's size, for a grant of `cpus` cores."""
+
+    cpus: int
+    intra_op: int
+    inter_op: int
+    data_workers: int
+    blas: int
+
+    def oversubscribed(self) -> tuple[str, ...]:
+        """Layers declared wider than the grant: accepted, and said so."""
+        return tuple(
+            f"{name}={value} on {self.cpus} CPUs: oversubscribed by design"
+            for name, value in (
+                ("intra_op", self.intra_op),
+                ("inter_op", self.inter_op),
+                ("data_workers", self.data_workers),
+                ("blas", self.blas),
+            )
+            if value > self.cpus
+        )
+
+    def environment(self) -> dict[str, str]:
+        """The variables that size each layer in a process that has not started them yet."""
+        return {
+            "OMP_NUM_THREADS": str(self.blas),
+            "OPENBLAS_NUM_THREADS": str(self.blas),
+            "MKL_NUM_THREADS": str(self.blas),
+            "TF_NUM_INTRAOP_THREADS": str(self.intra_op),
+            "TF_NUM_INTEROP_THREADS": str(self.inter_op),
+        }
+
+
+def resolve(declaration: Declaration, granted: int) -> Settings:
+    def pick(value: int | None, default: int) -> int:
+        return default if value is None else value
+
+    return Settings(
+        cpus=granted,
+        intra_op=pick(declaration.intra_op, granted),
+        inter_op=pick(declaration.inter_op, min(DEFAULT_INTER_OP, granted)),
+        data_workers=pick(declaration.data_workers, granted),
+        blas=pick(declaration.blas, granted),
+    )
+
+
+class DeclarationError(ValueError):
+    """A declaration field that is not a thread count; the message names the field."""
+
+
+def declaration_from(message: Mapping[str, object]) -> Declaration:
+    """Validate a declaration as it arrives over the socket (or from the command line)."""
+    values: dict[str, int | None] = {}
+    for field in fields(Declaration):
+        value = message.get(field.name)
+        if value is None:
+            values[field.name] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DeclarationError(f"{field.name}: expected an integer or null, got {value!r:.40}")
+        if not 1 <= value <= MAX_DECLARED:
+            raise DeclarationError(f"{field.name}: expected 1 to {MAX_DECLARED}, got {value}")
+        values[field.name] = value
+    return Declaration(**values)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A thread pool the job saw in itself (threadpoolctl's view, or TensorFlow's)."""
+
+    layer: str  # "openblas", "openmp", "mkl", "tensorflow-intra-op", ...
+    threads: int
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Everything a job tells the daemon about itself."""
+
+    declaration: Declaration
+    # TensorFlow's runtime was already initialised when the job registered: its pools are
+    # what `pools` says, not what the declaration asked for.
+    tensorflow_initialized: bool = False
+    pools: tuple[Pool, ...] = ()
+
+
+def registration_from(message: Mapping[str, object]) -> Registration:
+    declaration = message.get("declaration", {})
+    if not isinstance(declaration, dict):
+        raise DeclarationError("declaration: expected an object")
+    unknown = sorted(set(declaration) - {f.name for f in fields(Declaration)})
+    if unknown:
+        raise DeclarationError(f"declaration: unknown field {unknown[0][:40]!r}")
+    initialized = message.get("tensorflow_initialized", False)
+    if not isinstance(initialized, bool):
+        raise DeclarationError("tensorflow_initialized: expected true or false")
+    raw_pools = message.get("pools", [])
+    if not isinstance(raw_pools, list) or len(raw_pools) > 64:
+        raise DeclarationError("pools: expected a list of at most 64 objects")
+    pools = []
+    for index, pool in enumerate(raw_pools):
+        if not isinstance(pool, dict) or set(pool) != {"layer", "threads"}:
+            raise DeclarationError(f'pools[{index}]: expected {{"layer": str, "threads": int}}')
+        layer, threads = pool["layer"], pool["threads"]
+        if not isinstance(layer, str) or not 0 < len(layer) <= 64:
+            raise DeclarationError(f"pools[{index}].layer: expected a short string")
+        if isinstance(threads, bool) or not isinstance(threads, int):
+            raise DeclarationError(f"pools[{index}].threads: expected an integer")
+        if not 0 <= threads <= MAX_DECLARED:
+            raise DeclarationError(f"pools[{index}].threads: expected 0 to {MAX_DECLARED}")
+        pools.append(Pool(layer, threads))
+    return Registration(declaration_from(declaration), initialized, tuple(pools))

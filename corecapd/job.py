@@ -1,0 +1,252 @@
+"""The job library: one call at the top of a training script sizes every threaded layer.
+
+    import corecapd
+    plan = corecapd.register(cpus=2)        # before or after `import tensorflow`
+    import tensorflow as tf
+    dataset = dataset.with_options(plan.data_options())
+    model.fit(dataset, callbacks=[plan.keras_callback()])
+    json.dump(plan.manifest(), open("run/threads.json", "w"))
+
+`register` asks corecapd (at $CORECAP_SOCKET or the default socket) for cores, pins this
+process to the grant, and sizes TensorFlow's intra-op and inter-op pools, tf.data, and the
+BLAS / OpenMP pools to it: through the environment for what has not started yet, through
+`tf.config.threading` and threadpoolctl for what has. Without a daemon it applies the same
+settings to the CPUs this process already has, and warns once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corecapd.client import DaemonUnreachable, call
+from corecapd.declaration import Declaration, Pool, Settings, declaration_from, resolve
+from corecapd.diagnosis import THREADING_VARIABLES
+from corecapd.policy import DEFAULT_SOCKET
+from corecapd.protocol import RemoteError
+
+# What `corecap run` leaves in the environment for the library in the job to find.
+GRANT_VARIABLES = {
+    "cpus": "CORECAP_CPUS",
+    "intra_op": "CORECAP_INTRA_OP",
+    "inter_op": "CORECAP_INTER_OP",
+    "data_workers": "CORECAP_DATA_WORKERS",
+    "blas": "CORECAP_BLAS",
+}
+
+
+class CorecapWarning(UserWarning):
+    """Settings could not be applied as asked (no daemon, or TensorFlow started already)."""
+
+
+@dataclass
+class Plan:
+    """What this process was granted and runs; `manifest()` records it for the run."""
+
+    cpus: list[int]
+    settings: Settings
+    notes: list[str]
+    daemon: str | None  # the socket that granted it; None when standalone
+    tensorflow_initialized_before: bool
+    tensorflow_threads: dict[str, int] = field(default_factory=dict)  # what TF really uses
+    epoch_threads: list[int] = field(default_factory=list)
+
+    def data_options(self) -> Any:
+        """tf.data.Options whose private pool and autotuner fit the grant."""
+        import tensorflow as tf
+
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = self.settings.data_workers
+        options.autotune.cpu_budget = len(self.cpus)
+        return options
+
+    def keras_callback(self) -> Any:
+        """A Keras callback that records the process's thread count after each epoch and
+        reports it to corecapd (shown by `corecapctl explain`)."""
+        import tensorflow as tf
+
+        plan = self
+
+        class ThreadCountCallback(tf.keras.callbacks.Callback):  # type: ignore[misc]
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                threads = len(os.listdir("/proc/self/task"))
+                plan.epoch_threads.append(threads)
+                if plan.daemon is not None:
+                    try:
+                        call(Path(plan.daemon), "report", epoch=epoch, threads=threads)
+                    except (DaemonUnreachable, RemoteError) as err:
+                        _warn_once(f"thread counts not reported to corecapd: {err}")
+
+        return ThreadCountCallback()
+
+    def manifest(self) -> dict[str, Any]:
+        """Every threading fact of this process, JSON-serialisable, for run artifacts."""
+        from threadpoolctl import threadpool_info
+
+        return {
+            "cpus": self.cpus,
+            "affinity": sorted(os.sched_getaffinity(0)),
+            "settings": {
+                "intra_op": self.settings.intra_op,
+                "inter_op": self.settings.inter_op,
+                "data_workers": self.settings.data_workers,
+                "blas": self.settings.blas,
+            },
+            "notes": self.notes,
+            "daemon": self.daemon,
+            "environment": {name: os.environ.get(name) for name in THREADING_VARIABLES},
+            "tensorflow": _tensorflow_facts(),
+            "tensorflow_initialized_before_register": self.tensorflow_initialized_before,
+            "threadpool_info": threadpool_info(),
+            "threads": len(os.listdir("/proc/self/task")),
+            "epoch_threads": self.epoch_threads,
+        }
+
+
+def register(
+    cpus: int | None = None,
+    intra_op: int | None = None,
+    inter_op: int | None = None,
+    data_workers: int | None = None,
+    blas: int | None = None,
+    *,
+    socket: str | None = None,
+) -> Plan:
+    """Declare this job's threading, get cores, and size every layer to them."""
+    asked = {
+        "cpus": cpus,
+        "intra_op": intra_op,
+        "inter_op": inter_op,
+        "data_workers": data_workers,
+        "blas": blas,
+    }
+    for name, variable in GRANT_VARIABLES.items():  # set by `corecap run`
+        if asked[name] is None and os.environ.get(variable):
+            asked[name] = _count_from_environment(variable) if name != "cpus" else None
+    if asked["cpus"] is None and os.environ.get("CORECAP_CPUS"):
+        asked["cpus"] = len(os.environ["CORECAP_CPUS"].split(","))
+    try:
+        declaration = declaration_from(asked)
+    except ValueError as err:
+        raise ValueError(f"corecapd.register: {err}") from None
+
+    initialized = _tensorflow_initialized()
+    path = socket or os.environ.get("CORECAP_SOCKET") or DEFAULT_SOCKET
+    granted, notes, daemon = _ask_daemon(Path(path), declaration, initialized)
+    settings = resolve(declaration, len(granted))
+    plan = Plan(granted, settings, notes, daemon, initialized)
+    _apply(plan)
+    return plan
+
+
+def _ask_daemon(
+    path: Path, declaration: Declaration, initialized: bool
+) -> tuple[list[int], list[str], str | None]:
+    try:
+        grant = call(
+            path,
+            "register",
+            declaration=declaration.as_dict(),
+            tensorflow_initialized=initialized,
+            pools=[{"layer": p.layer, "threads": p.threads} for p in _pools()],
+        )
+    except DaemonUnreachable as err:
+        own = sorted(os.sched_getaffinity(0))
+        cpus = own[: declaration.cpus] if declaration.cpus else own
+        _warn_once(f"{err}; applying the settings to this process's CPUs {cpus} only")
+        return cpus, ["standalone: no daemon"], None
+    return list(grant["cpus"]), list(grant["notes"]), str(path)
+
+
+def _apply(plan: Plan) -> None:
+    """Pin every thread, then size each layer by the means its state allows."""
+    for name in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(name), plan.cpus)
+        except ProcessLookupError:
+            continue  # a thread that just ended
+    os.environ.update(plan.settings.environment())
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=plan.settings.blas)  # libraries loaded already
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return  # TF will read TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS at its first op
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(plan.settings.intra_op)
+        tf.config.threading.set_inter_op_parallelism_threads(plan.settings.inter_op)
+    except RuntimeError:
+        plan.tensorflow_threads = {
+            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        }
+        message = (
+            "corecapd.register was called after TensorFlow initialised its thread pools"
+            f" (intra_op={plan.tensorflow_threads['intra_op']},"
+            f" inter_op={plan.tensorflow_threads['inter_op']}, 0 = one per CPU it saw);"
+            f" they cannot be resized to the grant of {len(plan.cpus)} CPUs."
+            " Call it before the first TensorFlow op."
+        )
+        plan.notes.append(message)
+        warnings.warn(message, CorecapWarning, stacklevel=3)
+
+
+def _tensorflow_initialized() -> bool:
+    """Whether TensorFlow's runtime (and so its thread pools) exists already."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return False
+    from tensorflow.python.eager import context  # no public API tells
+
+    return context.context()._context_handle is not None
+
+
+def _pools() -> list[Pool]:
+    """The thread pools this process runs now: BLAS/OpenMP libraries, and TensorFlow's
+    when its runtime exists (sizes 0 mean "one per CPU it saw")."""
+    from threadpoolctl import threadpool_info
+
+    pools = [
+        Pool(str(info["internal_api"]), int(info["num_threads"])) for info in threadpool_info()
+    ]
+    if _tensorflow_initialized():
+        tf = sys.modules["tensorflow"]
+        pools.append(
+            Pool("tensorflow-intra-op", tf.config.threading.get_intra_op_parallelism_threads())
+        )
+        pools.append(
+            Pool("tensorflow-inter-op", tf.config.threading.get_inter_op_parallelism_threads())
+        )
+    return pools
+
+
+def _tensorflow_facts() -> dict[str, Any] | None:
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return None
+    return {
+        "version": tf.__version__,
+        "initialized": _tensorflow_initialized(),
+        "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+    }
+
+
+def _count_from_environment(variable: str) -> int | None:
+    try:
+        return int(os.environ[variable])
+    except ValueError:
+        return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"corecapd: {message}", CorecapWarning, stacklevel=4)

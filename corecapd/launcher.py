@@ -1,0 +1,68 @@
+"""corecap run: register with corecapd, size every layer through the environment, exec.
+
+The job keeps the registration across exec (same PID), and the library in the job finds
+its grant in CORECAP_* variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from corecapd.job import GRANT_VARIABLES, register
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="corecap", description="Run a job with its threads sized to the cores it is granted."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="register, set the environment, exec CMD")
+    run.add_argument("--cpus", type=_positive, help="cores to ask for (default: the rule's)")
+    run.add_argument("--intra-op", type=_positive, help="TensorFlow intra-op threads")
+    run.add_argument("--inter-op", type=_positive, help="TensorFlow inter-op threads")
+    run.add_argument("--data-workers", type=_positive, help="tf.data private pool threads")
+    run.add_argument("--blas", type=_positive, help="BLAS / OpenMP threads")
+    run.add_argument("--socket", help="corecapd's socket (default $CORECAP_SOCKET or /run/...)")
+    run.add_argument("job", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    args = parser.parse_args(argv)
+    job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if not job:
+        parser.error("run: give the command after --, e.g. corecap run --cpus 2 -- python train.py")
+
+    plan = register(
+        cpus=args.cpus,
+        intra_op=args.intra_op,
+        inter_op=args.inter_op,
+        data_workers=args.data_workers,
+        blas=args.blas,
+        socket=args.socket,
+    )
+    settings = plan.settings
+    os.environ["CORECAP_CPUS"] = ",".join(map(str, plan.cpus))
+    for name, variable in GRANT_VARIABLES.items():
+        if name != "cpus":
+            os.environ[variable] = str(getattr(settings, name))
+    if plan.daemon is not None:
+        os.environ["CORECAP_SOCKET"] = plan.daemon
+    try:
+        os.execvp(job[0], job)
+    except OSError as err:
+        print(f"corecap: cannot run {job[0]!r}: {err.strerror}", file=sys.stderr)
+        return 127
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""A job declares itself: registration over the socket, the library, `corecap run`, explain."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PYTHON, Daemon, Processes, StartDaemon, marked_rule
+
+from corecapd.client import call
+from corecapd.protocol import RemoteError
+
+CPUS = sorted(os.sched_getaffinity(0))
+pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs: one is reserved")
+JOB_CPU = CPUS[-1]
+
+# A job that registers with the arguments in argv[2] (JSON) and prints its plan's manifest.
+REGISTERING_JOB = """
+import json, sys, warnings
+import corecapd
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    plan = corecapd.register(**json.loads(sys.argv[2]))
+manifest = plan.manifest()
+manifest["warnings"] = [str(w.message) for w in caught]
+print(json.dumps(manifest), flush=True)
+sys.stdin.read()
+"""
+
+
+def run_job(
+    processes: Processes, daemon: Daemon | None, env: dict[str, str] | None = None, **asked: object
+) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+    environment = dict(os.environ) | (env or {})
+    if daemon is not None:
+        environment["CORECAP_SOCKET"] = str(daemon.socket)
+    job = processes.python(
+        REGISTERING_JOB,
+        json.dumps(asked),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=environment,
+    )
+    assert job.stdout is not None
+    line = job.stdout.readline()
+    assert line, f"the job died: exit {job.wait()}"
+    return job, json.loads(line)
+
+
+@pytest.fixture
+def daemon(start_daemon: StartDaemon, marker: str) -> Daemon:
+    return start_daemon(
+        daemon={"reserved_cpus": str(CPUS[0])},
+        rules=marked_rule(marker, "training", cpus=4),
+    )
+
+
+def test_registered_job_gets_its_grant_pinned_and_sized(
+    daemon: Daemon, processes: Processes
+) -> None:
+    job, manifest = run_job(processes, daemon, cpus=1)
+    assert manifest["cpus"] == [JOB_CPU] and manifest["affinity"] == [JOB_CPU]
+    assert manifest["daemon"] == str(daemon.socket) and manifest["warnings"] == []
+    environment = manifest["environment"]
+    assert isinstance(environment, dict)
+    assert environment["OMP_NUM_THREADS"] == "1" and environment["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert environment["TF_NUM_INTEROP_THREADS"] == "1"
+    status = daemon.wait_job(job.pid)
+    assert status["rule"] == "training" and status["cpus"] == [JOB_CPU]
+    assert status["budget_basis"].startswith("declared: intra 1 + inter 1")
+    # intra 1 + inter 1 + 2 x data 1 + BLAS 1 + 11 runtime + 8 slack
+    assert status["budget"] == 24
+
+
+def test_an_unmatched_process_that_registers_becomes_a_job(
+    daemon: Daemon, processes: Processes
+) -> None:
+    unmatched = processes.run(  # no marker: no rule matches it, it registers all the same
+        [PYTHON, "-c", REGISTERING_JOB, "unmarked", json.dumps({"cpus": 2})],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, CORECAP_SOCKET=str(daemon.socket)),
+    )
+    assert unmatched.stdout is not None and json.loads(unmatched.stdout.readline())
+    job = daemon.wait_job(unmatched.pid)
+    assert job["rule"] == "registered" and job["cpus"] == [JOB_CPU]
+
+
+def test_asking_for_a_thousand_cores_gets_a_capped_grant_with_the_reason(
+    daemon: Daemon, processes: Processes
+) -> None:
+    _job, manifest = run_job(processes, daemon, cpus=1000)
+    assert manifest["cpus"] == [JOB_CPU]
+    notes = " ".join(manifest["notes"])  # type: ignore[arg-type]
+    assert "asked for 1000 CPUs, rule training allows 4" in notes
+    assert "only 1 are eligible" in notes
+
+
+def test_a_declaration_wider_than_the_grant_is_accepted_as_oversubscribed(
+    daemon: Daemon, processes: Processes
+) -> None:
+    job, manifest = run_job(processes, daemon, cpus=1, intra_op=8)
+    assert "intra_op=8 on 1 CPUs: oversubscribed by design" in " ".join(manifest["notes"])  # type: ignore[arg-type]
+    assert daemon.wait_job(job.pid)["budget"] == 8 + 1 + 2 + 1 + 11 + 8
+
+
+def test_a_client_cannot_register_another_pid(daemon: Daemon) -> None:
+    # This test process registers, claiming PID 1: it gets itself registered instead.
+    grant = call(daemon.socket, "register", declaration={"cpus": 1}, pid=1)
+    try:
+        assert grant["pid"] == os.getpid()
+        assert any("can only register itself, not PID 1" in n for n in grant["notes"])
+        assert daemon.job(1) is None
+    finally:
+        os.sched_setaffinity(0, CPUS)  # registration pinned this test process: undo it
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error"),
+    [
+        ({"declaration": {"cpus": "two"}}, "cpus: expected an integer"),
+        ({"declaration": {"cpus": 0}}, "cpus: expected 1 to 4096"),
+        ({"declaration": {"threads": 4}}, "unknown field 'threads'"),
+        ({"declaration": []}, "declaration: expected an object"),
+        ({"pools": [{"layer": "openmp"}]}, "pools[0]"),
+        ({"tensorflow_initialized": "yes"}, "tensorflow_initialized"),
+        ({"pid": -5}, '"pid"'),
+    ],
+)
+def test_malformed_registrations_are_refused(
+    daemon: Daemon, arguments: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(RemoteError, match=re.escape(error)):
+        call(daemon.socket, "register", **arguments)
+    assert daemon.status()["jobs"] == []  # nothing registered, nothing pinned
+    assert os.sched_getaffinity(0) == set(CPUS)
+
+
+def test_without_a_daemon_the_library_works_standalone_and_warns_once(
+    processes: Processes, tmp_path: Path
+) -> None:
+    _job, manifest = run_job(
+        processes, None, env={"CORECAP_SOCKET": str(tmp_path / "none.sock")}, cpus=1
+    )
+    assert manifest["daemon"] is None and manifest["cpus"] == [CPUS[0]]
+    assert manifest["affinity"] == [CPUS[0]]
+    warned = manifest["warnings"]
+    assert isinstance(warned, list) and len(warned) == 1 and "cannot reach corecapd" in warned[0]
+    assert manifest["environment"]["OPENBLAS_NUM_THREADS"] == "1"  # type: ignore[index]
+
+
+def test_corecap_run_registers_sets_the_environment_and_execs(
+    daemon: Daemon, processes: Processes, marker: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "import corecapd\n"
+        "plan = corecapd.register()\n"  # finds the grant the launcher left in CORECAP_*
+        "print(json.dumps({'pid': os.getpid(), 'affinity': sorted(os.sched_getaffinity(0)),"
+        " 'env': {k: v for k, v in os.environ.items() if k.startswith(('CORECAP_', 'OMP_',"
+        " 'TF_NUM', 'OPENBLAS_', 'MKL_'))}, 'cpus': plan.cpus}), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    launcher = processes.run(
+        [
+            PYTHON,
+            "-m",
+            "corecapd.launcher",
+            "run",
+            "--cpus",
+            "1",
+            "--socket",
+            str(daemon.socket),
+            "--",
+            PYTHON,
+            str(script),
+            marker,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert launcher.stdout is not None
+    seen = json.loads(launcher.stdout.readline())
+    assert seen["pid"] == launcher.pid  # exec kept the PID, and with it the registration
+    assert seen["affinity"] == [JOB_CPU] and seen["cpus"] == [JOB_CPU]
+    env = seen["env"]
+    assert env["CORECAP_CPUS"] == str(JOB_CPU) and env["OMP_NUM_THREADS"] == "1"
+    assert env["TF_NUM_INTRAOP_THREADS"] == "1" and env["CORECAP_SOCKET"] == str(daemon.socket)
+    status = daemon.wait_job(launcher.pid)
+    assert status["budget_basis"].startswith("declared")
+
+
+def test_corecap_run_argument_errors() -> None:
+    def launch(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PYTHON, "-m", "corecapd.launcher", *args], capture_output=True, text=True
+        )
+
+    assert "give the command after --" in launch("run", "--cpus", "1").stderr
+    assert "expected at least 1" in launch("run", "--cpus", "0", "--", "true").stderr
+    missing = launch("run", "--socket", "/nonexistent.sock", "--", "/no/such/program")
+    assert missing.returncode == 127 and "cannot run '/no/such/program'" in missing.stderr
+
+
+def test_kmeans_with_omp_16_on_one_core_is_a_violation_naming_openmp(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    pytest.importorskip("sklearn")
+    daemon = start_daemon(
+        daemon={"reserved_cpus": str(CPUS[0])},
+        defaults={"grace": 0.5, "violation_after": 2},
+        rules=marked_rule(marker, "sklearn", cpus=1),
+    )
+    job = processes.python(
+        """
+        import numpy as np, sys
+        from sklearn.cluster import KMeans
+        data = np.random.rand(200000, 10)
+        for _ in range(40):
+            KMeans(n_clusters=8, n_init=1, max_iter=50).fit(data)
+        """,
+        env=dict(os.environ, OMP_NUM_THREADS="16"),
+    )
+    onset = daemon.wait_event("violation-started", timeout=60, pid=str(job.pid))
+    assert "OpenMP pool of up to 16 threads on 1 CPUs" in onset["diagnosis"]
+    assert "OMP_NUM_THREADS=16" in onset["diagnosis"]
+    explained = subprocess.run(
+        [PYTHON, "-m", "corecapd.ctl", "--socket", str(daemon.socket), "explain", str(job.pid)],
+        capture_output=True,
+        text=True,
+    )
+    assert explained.returncode == 0, explained.stderr
+    assert "OMP_NUM_THREADS=16" in explained.stdout and "diagnosis:" in explained.stdout
+    [record] = [v for v in daemon.call("violations") if v["pid"] == job.pid]
+    assert "OpenMP" in record["diagnosis"]
+    job.kill()
+
+
+def test_explain_of_a_pid_in_no_job(daemon: Daemon) -> None:
+    with pytest.raises(RemoteError, match="is in no job"):
+        call(daemon.socket, "explain", pid=os.getpid())
