@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from corecapd.cpulist import format_cpulist
 from corecapd.topology import Topology
@@ -62,18 +63,18 @@ def allocate(
                 f" cpuset ({format_cpulist(allowed)})"
             )
         notes.append(f"asked for {requested} CPUs, only {len(pool)} {why}")
-    new_allowed = len(pool)  # cores the user does not hold yet that this job may take
+    headroom = len(pool)  # cores the user does not hold yet that this job may take
     if user_cap is not None:
         if size > user_cap:
             size = user_cap
             notes.append(f"user {user} is capped at {user_cap} CPUs")
-        new_allowed = max(0, user_cap - len(user_held))
+        headroom = max(0, user_cap - len(user_held))
 
     # Free cores first (all of them are new to the user), as many as size and cap allow.
-    free = sorted(cpu for cpu in pool if not load[cpu])
-    fresh = min(size, new_allowed, len(free))
+    free = sorted(pool - load.keys())
+    fresh = min(size, headroom, len(free))
     chosen = _pick_free(fresh, free, topology) if topology else free[:fresh]
-    new_allowed -= fresh
+    headroom -= fresh
 
     # Then the least loaded; among equals the user's own cores (they count against no cap),
     # then those on the NUMA nodes the grant already uses, then id.
@@ -87,19 +88,22 @@ def allocate(
         if len(chosen) == size:
             break
         if cpu not in user_held:
-            if new_allowed == 0:
+            if headroom == 0:
                 continue
-            new_allowed -= 1
+            headroom -= 1
         chosen.append(cpu)
 
-    if size and not chosen:
-        # The cap is used up by cores outside this job's cpuset: a job cannot run on nothing.
-        chosen = [min(pool, key=lambda cpu: (load[cpu], cpu))]
-        notes.append(
+    if len(chosen) < size:
+        # Only with a cpuset: the cap is used up, partly by the user's cores outside it.
+        why = (
             f"user {user} already holds its cap of {user_cap} CPUs"
-            f" ({format_cpulist(user_held)}), none of them within the job's cpuset"
-            f" ({format_cpulist(pool)}): granted 1 CPU beyond the cap"
+            f" ({format_cpulist(user_held)}), {len(chosen) or 'none'} of them within the"
+            f" job's cpuset ({format_cpulist(pool)})"
         )
+        if not chosen:  # a job cannot run on nothing
+            chosen = [min(pool, key=lambda cpu: (load[cpu], cpu))]
+            why += ": granted 1 CPU beyond the cap"
+        notes.append(why)
 
     cpus = frozenset(chosen)
     shared = any(load[c] for c in cpus)
@@ -135,38 +139,42 @@ def _pool(
     return pool
 
 
+class _FreeCore(NamedTuple):
+    cpus: list[int]  # its free CPUs, ascending
+    whole: bool  # all its siblings are free
+
+
 def _pick_free(count: int, free: list[int], topology: Topology) -> list[int]:
     """`count` of the `free` CPUs, on as few NUMA nodes as fit, whole cores first."""
     if not count:
         return []
     free_set = frozenset(free)
-    cores_in: defaultdict[int, list[list[int]]] = defaultdict(list)  # node -> its free cores
-    seen: set[int] = set()
-    for cpu in free:  # ascending, so each node's cores come in order of their first CPU
-        if cpu not in seen:
-            node = topology.by_id[cpu].node
-            core = sorted(topology.siblings(cpu) & free_set & topology.nodes[node])
-            seen.update(core)
-            cores_in[node].append(core)
+    cores_in: defaultdict[int, list[_FreeCore]] = defaultdict(list)  # node -> its free cores
+    for siblings in topology.cores.values():  # in order of their first CPU
+        here = sorted(siblings & free_set)
+        if here:
+            node = topology.by_id[here[0]].node  # siblings share a node
+            cores_in[node].append(_FreeCore(here, len(here) == len(siblings)))
 
     chosen: list[int] = []
     for node in _home_nodes(count, cores_in, topology):
-        chosen += _take(count - len(chosen), cores_in[node], topology)
+        chosen += _take(count - len(chosen), cores_in[node])
     return chosen
 
 
-def _home_nodes(count: int, cores_in: dict[int, list[list[int]]], topology: Topology) -> list[int]:
+def _home_nodes(count: int, cores_in: dict[int, list[_FreeCore]], topology: Topology) -> list[int]:
     """The nodes to fill, in order: the best-fitting node that holds `count` free CPUs;
     else the nodes of the best-fitting package that does, largest first; else all nodes,
     largest first (the fewest nodes)."""
-    free_in = {node: sum(map(len, cores)) for node, cores in cores_in.items()}
-    threads = max(map(len, topology.cores.values()))
-    whole_wanted = count - count % threads  # the CPUs that could come as whole cores
+    free_in = {node: sum(len(core.cpus) for core in cores) for node, cores in cores_in.items()}
+    whole_wanted = (
+        count - count % topology.threads_per_core
+    )  # the CPUs that could come as whole cores
     fits = [node for node, free in free_in.items() if free >= count]
     if fits:
 
         def fit(node: int) -> tuple[bool, int, int]:
-            whole = sum(len(core) for core in cores_in[node] if _whole(core, topology))
+            whole = sum(len(core.cpus) for core in cores_in[node] if core.whole)
             return (whole < whole_wanted, free_in[node], node)
 
         return [min(fits, key=fit)]
@@ -183,22 +191,18 @@ def _home_nodes(count: int, cores_in: dict[int, list[list[int]]], topology: Topo
     return sorted(nodes, key=lambda node: (-free_in[node], node))
 
 
-def _take(need: int, cores: list[list[int]], topology: Topology) -> list[int]:
+def _take(need: int, cores: list[_FreeCore]) -> list[int]:
     """`need` CPUs from one node's free cores: whole cores that fit entirely, then cores
     already partly busy (so no whole core is split while a broken one would do), then the
     remaining whole cores."""
     taken: list[int] = []
-    whole_left: list[list[int]] = []
-    for core in (core for core in cores if _whole(core, topology)):
-        if len(core) <= need - len(taken):
-            taken += core
+    whole_left: list[_FreeCore] = []
+    for core in (core for core in cores if core.whole):
+        if len(core.cpus) <= need - len(taken):
+            taken += core.cpus
         else:
             whole_left.append(core)
-    partial = sorted((core for core in cores if not _whole(core, topology)), key=len, reverse=True)
-    for core in partial + whole_left:
-        taken += core[: need - len(taken)]
+    broken = sorted((core for core in cores if not core.whole), key=lambda c: -len(c.cpus))
+    for core in broken + whole_left:
+        taken += core.cpus[: need - len(taken)]
     return taken
-
-
-def _whole(free_core: list[int], topology: Topology) -> bool:
-    return len(free_core) == len(topology.siblings(free_core[0]))

@@ -16,11 +16,16 @@ settings to the CPUs this process already has, and warns once.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.machinery import ModuleSpec
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from corecapd.client import DaemonUnreachable, call
@@ -175,7 +180,40 @@ def _apply(plan: Plan) -> None:
     threadpool_limits(limits=plan.settings.blas)  # libraries loaded already
     tf = sys.modules.get("tensorflow")
     if tf is None:
-        return  # TF will read TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS at its first op
+        # TF's runtime reads TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS; the hook makes
+        # tf.config.threading say the same as soon as `import tensorflow` completes.
+        sys.meta_path.insert(0, _SizeTensorflowOnImport(plan))
+        return
+    _size_tensorflow(tf, plan)
+
+
+class _SizeTensorflowOnImport(importlib.abc.MetaPathFinder):
+    """Sets tf.config.threading right after `import tensorflow`, before any op can run."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once, and not for the lookup below
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, plan = spec.loader, self.plan
+        run_module = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run_module(module)
+            _size_tensorflow(module, plan)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _size_tensorflow(tf: Any, plan: Plan) -> None:
     try:
         tf.config.threading.set_intra_op_parallelism_threads(plan.settings.intra_op)
         tf.config.threading.set_inter_op_parallelism_threads(plan.settings.inter_op)

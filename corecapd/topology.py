@@ -43,6 +43,13 @@ class Topology:
             twice = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"CPUs {format_cpulist(twice)} appear more than once in a topology")
         object.__setattr__(self, "cpus", ordered)
+        for siblings in self.cores.values():
+            nodes = {self.by_id[cpu].node for cpu in siblings}
+            if len(nodes) > 1:
+                raise ValueError(
+                    f"CPUs {format_cpulist(siblings)} share a core but are on NUMA nodes"
+                    f" {format_cpulist(nodes)}"
+                )
 
     @cached_property
     def by_id(self) -> Mapping[int, Cpu]:
@@ -64,6 +71,11 @@ class Topology:
     @cached_property
     def packages(self) -> Mapping[int, frozenset[int]]:
         return _group((cpu.package, cpu.id) for cpu in self.cpus)
+
+    @cached_property
+    def threads_per_core(self) -> int:
+        """The most SMT siblings any core has (cores may differ: hybrid CPUs, offline CPUs)."""
+        return max(map(len, self.cores.values()), default=1)
 
     def siblings(self, cpu: int) -> frozenset[int]:
         """The online CPUs sharing `cpu`'s physical core, `cpu` included."""
@@ -142,7 +154,10 @@ def read_topology(sys_root: Path = Path("/sys")) -> Topology:
                 node=node_of[cpu],
             )
         )
-    found = Topology(tuple(cpus))
+    try:
+        found = Topology(tuple(cpus))
+    except ValueError as err:
+        raise TopologyError(f"{sys_root}: {err}") from None
     for known in found.cpus:
         _check_siblings(cpu_root / f"cpu{known.id}" / "topology", found, known, online)
     return found

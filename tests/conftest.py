@@ -80,8 +80,8 @@ class Daemon:
     policy_path: Path
     log_path: Path
 
-    def call(self, command: str) -> Any:
-        return call(self.socket, command)
+    def call(self, command: str, **arguments: Any) -> Any:
+        return call(self.socket, command, **arguments)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.call("status")

@@ -53,3 +53,123 @@ def test_default_keras_fit_confined_to_one_cpu_is_within_budget(
     # TensorFlow was seen in maps: the budget is the TF formula for 1 CPU, 6 + 7 + 8 slack.
     assert ended["budget"] == "21"
     assert daemon.events("violation-started", pid=str(job.pid)) == []
+
+
+REGISTERED_FIT = """
+import json, os, sys
+import corecapd
+plan = corecapd.register(cpus=1)            # before `import tensorflow`
+import numpy as np, tensorflow as tf
+model = tf.keras.Sequential([
+    tf.keras.Input((20,)), tf.keras.layers.Dense(64, activation="relu"), tf.keras.layers.Dense(1),
+])
+model.compile(optimizer="adam", loss="mse")
+data = tf.data.Dataset.from_tensor_slices((np.random.rand(10000, 20), np.random.rand(10000, 1)))
+data = data.batch(32).with_options(plan.data_options())
+model.fit(data, epochs=3, verbose=0, callbacks=[plan.keras_callback()])
+tasks = os.listdir("/proc/self/task")
+print(json.dumps({
+    "intra": tf.config.threading.get_intra_op_parallelism_threads(),
+    "inter": tf.config.threading.get_inter_op_parallelism_threads(),
+    "masks": sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in tasks}),
+    "manifest": plan.manifest(),
+}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_registered_seed_example_on_one_cpu(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(
+        daemon={"reserved_cpus": str(min(os.sched_getaffinity(0)))},
+        defaults={"grace": 1.0, "violation_after": 1},
+        rules=marked_rule(marker, "keras", cpus=2),
+    )
+    job = processes.python(
+        REGISTERED_FIT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, CORECAP_SOCKET=str(daemon.socket)),
+    )
+    assert job.stdout is not None
+    result = json.loads(job.stdout.readline())
+    assert (result["intra"], result["inter"]) == (1, 1)
+    assert result["masks"] == [[LAST_CPU]]
+    manifest = result["manifest"]
+    assert len(manifest["epoch_threads"]) == 3
+    assert manifest["settings"] == {"intra_op": 1, "inter_op": 1, "data_workers": 1, "blas": 1}
+    explained = daemon.call("explain", pid=job.pid)
+    assert [e["epoch"] for e in explained["epochs"]] == [0, 1, 2]
+    assert explained["declared"]["intra_op"] == 1
+    assert daemon.events("violation-started", pid=str(job.pid)) == []
+
+
+OVERSIZED_TF = """
+import json, os, sys, time
+deadline = time.monotonic() + 20
+while len(os.sched_getaffinity(0)) != 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
+import numpy as np, tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(16)
+tf.config.threading.set_inter_op_parallelism_threads(16)
+model = tf.keras.Sequential([tf.keras.Input((20,)), tf.keras.layers.Dense(1)])
+model.compile(optimizer="adam", loss="mse")
+model.fit(np.random.rand(10000, 20), np.random.rand(10000, 1), epochs=1000, verbose=0)
+"""
+
+
+def test_tensorflow_pools_of_16_on_one_core_are_diagnosed(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(
+        daemon={"reserved_cpus": str(min(os.sched_getaffinity(0)))},
+        defaults={"grace": 1.0, "violation_after": 2},
+        rules=marked_rule(marker, "keras", cpus=1),
+    )
+    job = processes.python(OVERSIZED_TF)
+    onset = daemon.wait_event("violation-started", timeout=120, pid=str(job.pid))
+    assert int(onset["threads"]) > int(onset["budget"]) == 21
+    assert "TensorFlow intra-op pool" in onset["diagnosis"]
+    assert "set_intra_op_parallelism_threads(1)" in onset["diagnosis"]
+    explained = daemon.call("explain", pid=job.pid)
+    assert any("inter-op pool" in hint for hint in explained["hints"])
+    job.kill()
+
+
+LATE_REGISTRATION = """
+import json, sys, warnings
+import tensorflow as tf
+tf.constant(1.0) + 1.0                       # the runtime and its pools exist now
+import corecapd
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    plan = corecapd.register(cpus=1, intra_op=1, inter_op=1)
+print(json.dumps({
+    "warnings": [str(w.message) for w in caught],
+    "manifest": plan.manifest(),
+}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_registering_after_tensorflow_started_warns_and_tells_the_daemon(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(rules=marked_rule(marker, "late", cpus=1))
+    job = processes.python(
+        LATE_REGISTRATION,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, CORECAP_SOCKET=str(daemon.socket)),
+    )
+    assert job.stdout is not None
+    result = json.loads(job.stdout.readline())
+    [warning] = [w for w in result["warnings"] if "after TensorFlow initialised" in w]
+    assert "intra_op=0, inter_op=0" in warning
+    manifest = result["manifest"]
+    assert manifest["tensorflow_initialized_before_register"] is True
+    assert manifest["tensorflow"]["initialized"] is True
+    explained = daemon.call("explain", pid=job.pid)
+    layers = {pool["layer"]: pool["threads"] for pool in explained["pools"]}
+    assert layers["tensorflow-intra-op"] == 0 and layers["tensorflow-inter-op"] == 0
