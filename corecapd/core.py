@@ -29,6 +29,7 @@ from corecapd.matching import classify, exe_may_match, loads_library
 from corecapd.model import Observed, ProcKey
 from corecapd.policy import Match, Policy, Rule
 from corecapd.protocol import EpochReport
+from corecapd.topology import Topology
 from corecapd.violations import Transition, ViolationState
 
 VIOLATION_HISTORY = 1000
@@ -89,9 +90,15 @@ class Job:
 
 class JobTable:
     def __init__(
-        self, policy: Policy, online_cpus: frozenset[int], daemon_pid: int, enforcing: bool
+        self,
+        policy: Policy,
+        online_cpus: frozenset[int],
+        daemon_pid: int,
+        enforcing: bool,
+        topology: Topology | None = None,
     ) -> None:
         self.online_cpus = online_cpus
+        self.topology = topology
         self.daemon_pid = daemon_pid
         self.enforcing = enforcing
         self.jobs: dict[ProcKey, Job] = {}
@@ -349,6 +356,7 @@ class JobTable:
             self.eligible_cpus,
             holdings,
             limits.max_cpus if limits else None,
+            topology=self.topology,
         )
         job.cpus, job.notes = grant.cpus, notes + grant.notes
         if job.registration is not None:

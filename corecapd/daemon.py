@@ -50,6 +50,7 @@ from corecapd.status import (
     status_document,
     violations_document,
 )
+from corecapd.topology import Topology, TopologyError, read_topology
 
 # Policy keys that only a restart applies: the socket, the backend and the event source.
 RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority")
@@ -375,7 +376,13 @@ def _watchdog_interval() -> float | None:
 
 def build(config: Path) -> Daemon:
     policy = load_policy(config)
-    online = online_cpus()
+    topology: Topology | None
+    try:
+        topology = read_topology()
+        online = topology.online
+    except TopologyError as err:  # odd sysfs (some containers): allocate by CPU id alone
+        print(f"corecapd: CPU topology unreadable, allocating without it: {err}", file=sys.stderr)
+        topology, online = None, online_cpus()
     check_fits_host(policy, online)
     try:
         backend_class, _why = choose_backend(policy.daemon.backend)
@@ -384,7 +391,9 @@ def build(config: Path) -> Daemon:
     if policy.daemon.realtime_priority:
         _run_realtime(policy.daemon.realtime_priority)
     procfs = ProcFS()
-    table = JobTable(policy, online, os.getpid(), enforcing=policy.daemon.mode == "enforce")
+    table = JobTable(
+        policy, online, os.getpid(), enforcing=policy.daemon.mode == "enforce", topology=topology
+    )
     return Daemon(
         policy,
         config,

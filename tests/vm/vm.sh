@@ -1,0 +1,264 @@
+#!/usr/bin/env bash
+# tests/vm/vm.sh - corecap's VM test tier: a throwaway Debian bookworm guest with systemd as
+# PID 1 and pure cgroup v2, booted under QEMU, with this checkout read-only at /mnt/src (9p).
+#
+#   tests/vm/vm.sh build        # debootstrap + kernel -> raw ext4 image, cached by recipe hash
+#   tests/vm/vm.sh run 'CMD'    # boot, run CMD (sh) as root in the guest, power off
+#   tests/vm/vm.sh shell        # serial console, autologin root (Ctrl-A X quits)
+#
+# Exit codes: run gives CMD's; 77 = this machine cannot do it (the reason is the last line on
+# stderr: not root, apt unavailable, Debian mirror unreachable, no usable QEMU); 125 = the VM
+# failed or hit the hard timeout. Needs root. Host tools (qemu-system-x86, debootstrap) are
+# installed with apt-get when missing.
+#
+# Settings: CORECAP_VM_DIR (cache, default /var/tmp/corecap-vm), CORECAP_VM_TIMEOUT (seconds
+# for one boot-run-poweroff, default 300), CORECAP_VM_ACCEL (auto|kvm|tcg), CORECAP_VM_SMP (2),
+# CORECAP_VM_MEM (MiB, 2048), CORECAP_VM_MIRROR, CORECAP_VM_SRC (the shared checkout).
+# Files are written only in the cache dir and in temp dirs under it; every process started
+# here (debootstrap, qemu) is ended on exit, failure, timeout or signal.
+set -euo pipefail
+
+VMDIR=${CORECAP_VM_DIR:-/var/tmp/corecap-vm}
+TIMEOUT=${CORECAP_VM_TIMEOUT:-300}
+SMP=${CORECAP_VM_SMP:-2}
+MEM=${CORECAP_VM_MEM:-2048}
+MIRROR=${CORECAP_VM_MIRROR:-http://deb.debian.org/debian}
+SRC=${CORECAP_VM_SRC:-$(cd "$(dirname "$0")/../.." && pwd)}
+SUITE=bookworm
+IMG_SIZE=2G
+# systemd/dbus/udev: a real init; python3-*: what corecapd and the guest-side tests import.
+PKGS=systemd,systemd-sysv,dbus,udev,iproute2,kmod,procps,initramfs-tools,linux-image-amd64
+PKGS+=,python3,python3-pytest,python3-psutil,python3-systemd,python3-dbus,python3-jeepney
+
+log() { echo "[vm $(date +%T)] $*" >&2; }
+skip() { echo "VM tier cannot run here: $*" >&2; exit 77; }
+
+CHILD=''      # the process group of the one long-running child (debootstrap, qemu)
+TMP_DIRS=()
+cleanup() {
+  local rc=$? d
+  trap - EXIT INT TERM HUP
+  if [[ -n $CHILD ]] && kill -TERM -- "-$CHILD" 2>/dev/null; then
+    for _ in $(seq 50); do kill -0 -- "-$CHILD" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL -- "-$CHILD" 2>/dev/null || true
+    wait "$CHILD" 2>/dev/null || true
+  fi
+  for d in "${TMP_DIRS[@]}"; do
+    # debootstrap killed midway can leave proc/sys mounted in the rootfs
+    awk -v p="$d/" 'index($2, p) == 1 {print $2}' /proc/self/mounts | sort -r |
+      while read -r m; do umount -l "$m" || true; done
+    rm -rf --one-file-system "$d"
+  done
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+# Run "$@" in its own process group and wait; the trap ends the whole group.
+bg_wait() {
+  local rc=0
+  setsid -w "$@" &
+  CHILD=$!
+  wait "$CHILD" || rc=$?
+  CHILD=''
+  return "$rc"
+}
+
+host_tools() {
+  [[ $(id -u) == 0 ]] || skip "needs root (debootstrap, chroot, mkfs, qemu)"
+  local missing=()
+  command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+  ((${#missing[@]})) || return 0
+  command -v apt-get >/dev/null || skip "apt-get unavailable to install ${missing[*]}"
+  mkdir -p "$VMDIR"
+  log "installing ${missing[*]} with apt-get"
+  apt-get update -qq >"$VMDIR/apt.log" 2>&1 || skip "apt-get update failed (see $VMDIR/apt.log)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    -o DPkg::Lock::Timeout=300 "${missing[@]}" >>"$VMDIR/apt.log" 2>&1 ||
+    skip "apt-get install ${missing[*]} failed (see $VMDIR/apt.log)"
+}
+
+mirror_reachable() { wget -q --spider -T 20 -t 2 "$MIRROR/dists/$SUITE/Release"; }
+
+# The recipe. Its text (with PKGS, SUITE, IMG_SIZE) is the cache key: edit it, and the next
+# build makes a new image. $1 = an empty work dir; leaves disk.img, vmlinuz, initrd.img in $1/out.
+build_image() {
+  local R=$1/rootfs O=$1/out KVER
+  mkdir -p "$O" "$VMDIR/debs"
+  log "debootstrap $SUITE (about 2 minutes)"
+  if ! bg_wait debootstrap --variant=minbase --cache-dir="$VMDIR/debs" --include="$PKGS" \
+      "$SUITE" "$R" "$MIRROR" >"$1/debootstrap.log" 2>&1; then
+    mirror_reachable || skip "debootstrap failed: the Debian mirror $MIRROR is unreachable"
+    tail -n 20 "$1/debootstrap.log" >&2
+    log "debootstrap failed"
+    return 1
+  fi
+  echo corecap-vm >"$R/etc/hostname"
+  printf '127.0.0.1 localhost\n127.0.1.1 corecap-vm\n' >"$R/etc/hosts"
+  echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' >"$R/etc/fstab"
+  touch "$R/etc/corecap-vm-guest"   # guest-side tests refuse to run anywhere else
+  chroot "$R" passwd -d root >/dev/null
+  mkdir -p "$R/etc/systemd/system/serial-getty@ttyS0.service.d" "$R/mnt/ctl" "$R/mnt/src"
+  cat >"$R/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'EOF'
+[Service]
+ExecStart=
+ExecStart=-/sbin/agetty -o '-p -f -- \\u' --noclear --autologin root --keep-baud 115200,57600,38400,9600 %I $TERM
+EOF
+  # nothing periodic that could disturb tests
+  for u in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
+           fstrim.timer e2scrub_reap.service; do ln -sf /dev/null "$R/etc/systemd/system/$u"; done
+  # the runner: mount the shares, wait for boot to finish, run /mnt/ctl/run.sh, record rc
+  cat >"$R/usr/local/sbin/vmtest-run" <<'EOF'
+#!/bin/sh
+o=trans=virtio,version=9p2000.L,msize=1048576
+mount -t 9p -o $o ctl /mnt/ctl || { echo "vmtest: no ctl share" >&2; exit 0; }
+mount -t 9p -o ro,$o src /mnt/src || echo "vmtest: no src share" >&2
+[ -f /mnt/ctl/run.sh ] || exit 0
+timeout 120 systemctl is-system-running --wait >/dev/null
+echo >/mnt/ctl/started   # its mtime (host clock) marks the start
+cd /mnt/src && sh /mnt/ctl/run.sh >/mnt/ctl/run.log 2>&1 </dev/null
+echo $? >/mnt/ctl/rc
+sync
+EOF
+  chmod 755 "$R/usr/local/sbin/vmtest-run"
+  # Type=exec: a oneshot waiting for is-system-running would deadlock the boot
+  cat >"$R/etc/systemd/system/vmtest.service" <<'EOF'
+[Unit]
+Description=Run /mnt/ctl/run.sh from the 9p share, then power off
+After=basic.target dbus.service systemd-logind.service systemd-journald.service
+ConditionKernelCommandLine=!vmtest.interactive
+SuccessAction=poweroff
+FailureAction=poweroff
+[Service]
+Type=exec
+Environment=HOME=/root
+ExecStart=/usr/local/sbin/vmtest-run
+StandardOutput=journal+console
+[Install]
+WantedBy=multi-user.target
+EOF
+  ln -sf /etc/systemd/system/vmtest.service \
+    "$R/etc/systemd/system/multi-user.target.wants/vmtest.service"
+  # a small initrd: what finds the root fs, plus 9p
+  sed -i 's/^MODULES=.*/MODULES=list/' "$R/etc/initramfs-tools/initramfs.conf"
+  printf '%s\n' virtio_pci virtio_blk ext4 9pnet_virtio 9p >>"$R/etc/initramfs-tools/modules"
+  KVER=$(ls "$R/lib/modules" | head -1)
+  # hardware modules a VM never needs (~200 MB)
+  (cd "$R/lib/modules/$KVER/kernel" && rm -rf sound drivers/gpu drivers/media drivers/infiniband \
+    drivers/iio drivers/staging drivers/usb drivers/hwmon drivers/net/wireless \
+    drivers/net/ethernet drivers/bluetooth net/wireless net/bluetooth net/mac80211)
+  chroot "$R" depmod -a "$KVER"
+  chroot "$R" update-initramfs -u -k "$KVER" >/dev/null
+  rm -f "$R"/var/cache/apt/archives/*.deb "$R"/var/lib/apt/lists/*_Packages
+  cp "$R/boot/vmlinuz-$KVER" "$O/vmlinuz"
+  cp "$R/boot/initrd.img-$KVER" "$O/initrd.img"
+  truncate -s "$IMG_SIZE" "$O/disk.img"
+  mkfs.ext4 -q -F -L corecap-root -d "$R" "$O/disk.img"
+}
+
+recipe_key() {
+  { declare -f build_image; echo "$SUITE $IMG_SIZE $PKGS"; } | sha256sum | cut -c1-16
+}
+
+build() {  # sets IMAGE to the cached image's dir, building it first when needed
+  host_tools
+  IMAGE=$VMDIR/images/$(recipe_key)
+  [[ -f $IMAGE/ok ]] && { log "image cached: $IMAGE"; return 0; }
+  mkdir -p "$VMDIR/images"
+  exec 9>"$VMDIR/build.lock"
+  flock -w 1200 9 || { log "another build holds $VMDIR/build.lock"; return 1; }
+  [[ -f $IMAGE/ok ]] && { log "image cached: $IMAGE (built meanwhile)"; exec 9>&-; return 0; }
+  mirror_reachable || skip "cannot reach the Debian mirror $MIRROR to build the image"
+  local work t0=$SECONDS old
+  work=$(mktemp -d "$VMDIR/build.XXXXXX")
+  TMP_DIRS+=("$work")
+  build_image "$work"
+  rm -rf "$IMAGE"
+  mv "$work/out" "$IMAGE"
+  touch "$IMAGE/ok"
+  for old in "$VMDIR"/images/*; do [[ $old == "$IMAGE" ]] || rm -rf "$old"; done
+  log "built $IMAGE in $((SECONDS - t0)) s ($(du -h "$IMAGE/disk.img" | cut -f1) on disk)"
+  exec 9>&-
+}
+
+ACCEL=()
+pick_accel() {  # KVM only when a hardware KVM module is loaded and QEMU can use it, else TCG
+  local mode=${CORECAP_VM_ACCEL:-auto} cpu
+  if [[ $mode == auto ]]; then
+    mode=tcg
+    [[ -w /dev/kvm && (-d /sys/module/kvm_intel || -d /sys/module/kvm_amd) ]] && mode=kvm
+  fi
+  if [[ $mode == kvm ]]; then
+    # "-cpu host" can fail with "failed to set MSR 0x10a" under nesting
+    for cpu in host host,-arch-capabilities; do
+      if echo quit | timeout 30 qemu-system-x86_64 -accel kvm -cpu "$cpu" -display none \
+          -nodefaults -S -monitor stdio >/dev/null 2>&1; then
+        ACCEL=(-accel kvm -cpu "$cpu")
+        return
+      fi
+    done
+    log "KVM unusable, using TCG"
+  fi
+  qemu-system-x86_64 -accel help 2>/dev/null | grep -qx tcg ||
+    skip "no usable KVM and this qemu-system-x86_64 has no TCG"
+  # qemu64 boots fastest under TCG; it has no AVX (no TensorFlow in the guest)
+  ACCEL=(-accel tcg,thread=multi,tb-size=256 -cpu qemu64)
+}
+
+qemu_cmd() {  # $1 = control share dir, $2 = extra kernel args -> QEMU
+  pick_accel
+  QEMU=(qemu-system-x86_64 "${ACCEL[@]}" -machine q35 -nodefaults -smp "$SMP" -m "$MEM"
+    -no-reboot -nic none -kernel "$IMAGE/vmlinuz" -initrd "$IMAGE/initrd.img"
+    -append "root=/dev/vda rw console=ttyS0 systemd.unified_cgroup_hierarchy=1 quiet mitigations=off $2"
+    -drive "file=$IMAGE/disk.img,if=virtio,format=raw,snapshot=on"
+    -virtfs "local,path=$1,mount_tag=ctl,security_model=none,id=ctl"
+    -virtfs "local,path=$SRC,mount_tag=src,security_model=none,id=src,readonly=on")
+}
+
+run() {  # $1 = shell command(s), run as root in the guest from /mnt/src
+  build
+  local dir rc=0 t0 t1 started
+  dir=$(mktemp -d "$VMDIR/run.XXXXXX")
+  TMP_DIRS+=("$dir")
+  mkdir "$dir/ctl"
+  printf '%s\n' "$1" >"$dir/ctl/run.sh"
+  qemu_cmd "$dir/ctl" ''
+  log "boot [${ACCEL[*]}, -smp $SMP], hard timeout ${TIMEOUT} s"
+  t0=$(date +%s.%N)
+  # the disk snapshot's overlay goes to TMPDIR: our run dir
+  bg_wait env TMPDIR="$dir" timeout -k 10 "$TIMEOUT" "${QEMU[@]}" -display none \
+    -monitor none -serial "file:$dir/console.log" </dev/null || rc=$?
+  t1=$(date +%s.%N)
+  cp "$dir/console.log" "$VMDIR/last-console.log" 2>/dev/null || true
+  [[ -f $dir/ctl/run.log ]] && cat "$dir/ctl/run.log"
+  started=$(stat -c %.9Y "$dir/ctl/started" 2>/dev/null || echo "$t1")
+  log "$(awk -v a="$t0" -v s="$started" -v b="$t1" 'BEGIN {
+    printf "boot->command %.1f s, command->poweroff %.1f s, total %.1f s", s-a, b-s, b-a}')"
+  if ((rc == 124 || rc == 137)); then
+    log "hard timeout (${TIMEOUT} s); console: $VMDIR/last-console.log"
+    return 125
+  fi
+  if [[ ! -f $dir/ctl/rc ]]; then
+    tail -n 30 "$VMDIR/last-console.log" >&2 || true
+    log "qemu exited $rc before the command finished; console: $VMDIR/last-console.log"
+    return 125
+  fi
+  return "$(cat "$dir/ctl/rc")"
+}
+
+case ${1:-} in
+  build) build ;;
+  run) [[ $# == 2 ]] || { echo "usage: $0 run 'CMD'" >&2; exit 2; }; run "$2" ;;
+  shell)
+    build
+    dir=$(mktemp -d "$VMDIR/run.XXXXXX")
+    TMP_DIRS+=("$dir")
+    qemu_cmd "$dir" vmtest.interactive
+    env TMPDIR="$dir" "${QEMU[@]}" -nographic -serial mon:stdio
+    ;;
+  *) sed -n '2,8p' "$0" >&2; exit 2 ;;
+esac
