@@ -34,6 +34,9 @@ _EVENT = struct.Struct("=IIQii")  # what, cpu, timestamp_ns (CLOCK_MONOTONIC), p
 _HEADERS = _NLMSGHDR.size + _CN_MSG.size
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module does not export it
+CAP_NET_ADMIN = 12
+# The initial namespaces' inode numbers (PROC_USER_INIT_INO, PROC_PID_INIT_INO): fixed ABI.
+INITIAL_NAMESPACES = {"user": "user:[4026531837]", "pid": "pid:[4026531836]"}
 RECEIVE_BUFFER = 8 << 20  # ~10,000 events: seconds of an exec storm without loss
 
 
@@ -48,6 +51,20 @@ class ProcEvent:
     timestamp_ns: int  # kernel CLOCK_MONOTONIC at the event
 
 
+def _check_can_listen(proc: str = "/proc/self") -> None:
+    """The kernel refuses a subscription silently (send() succeeds; its EPERM comes back as
+    an ACK that the event filter then drops), so the conditions are checked up front."""
+    with open(f"{proc}/status") as status:
+        effective = next(line for line in status if line.startswith("CapEff:"))
+    if not int(effective.split()[1], 16) >> CAP_NET_ADMIN & 1:
+        raise PermissionError(errno.EPERM, "needs CAP_NET_ADMIN")
+    for kind, initial in INITIAL_NAMESPACES.items():
+        if os.readlink(f"{proc}/ns/{kind}") != initial:
+            raise OSError(
+                errno.EPERM, f"not in the host's {kind} namespace, where the kernel sends them"
+            )
+
+
 def kernel_filters_events(release: str | None = None) -> bool:
     numbers = (release or os.uname().release).split("-")[0].split(".")
     try:
@@ -60,6 +77,7 @@ class ProcEventSocket:
     """A non-blocking subscription to exec and exit events; needs CAP_NET_ADMIN."""
 
     def __init__(self, receive_buffer: int = RECEIVE_BUFFER) -> None:
+        _check_can_listen()
         self.filtered = kernel_filters_events()
         self._last_seq: dict[int, int] = {}
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
@@ -80,7 +98,8 @@ class ProcEventSocket:
             operation = struct.pack("=II", PROC_CN_MCAST_LISTEN, PROC_EVENT_EXEC | PROC_EVENT_EXIT)
         else:
             operation = struct.pack("=I", PROC_CN_MCAST_LISTEN)
-        body = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(operation), 0) + operation
+        body = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(operation), 0)
+        body += operation
         return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), NLMSG_DONE, 0, 0, 0) + body
 
     def fileno(self) -> int:

@@ -194,6 +194,7 @@ def start_daemon(tmp_path: Path, marker: str) -> Iterator[StartDaemon]:
     def start(text: str | None = None, wait: bool = True, **sections: Any) -> Daemon:
         index = len(daemons)
         extra_env = sections.pop("env", {})
+        prefix = sections.pop("prefix", [])  # e.g. setpriv, to start it with fewer privileges
         default_socket = str(tmp_path / f"corecap-{index}.sock")
         sections["daemon"] = {"socket": default_socket} | sections.get("daemon", {})
         socket_path = Path(sections["daemon"]["socket"])
@@ -203,7 +204,7 @@ def start_daemon(tmp_path: Path, marker: str) -> Iterator[StartDaemon]:
         env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [PYTHON, "-m", "corecapd.daemon", "--config", str(policy_path)],
+                [*prefix, PYTHON, "-m", "corecapd.daemon", "--config", str(policy_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env | extra_env,

@@ -109,6 +109,20 @@ def test_a_shell_that_execs_python_is_confined_at_that_exec(
     assert json.loads(out) == [JOB_CPU]  # same PID, new program: decided again at exec
 
 
+def test_without_cap_net_admin_it_says_so_once_and_scans(
+    start_daemon: StartDaemon, processes: Processes
+) -> None:
+    daemon = start_daemon(
+        daemon={"scan_interval": 0.1},
+        prefix=["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"],
+    )
+    state = daemon.status()["host"]["exec_events"]
+    assert state == "none, scanning only: netlink process connector: needs CAP_NET_ADMIN"
+    job = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    daemon.wait_job(job.pid)  # found by scanning
+    assert len(daemon.events("exec-events-unavailable")) == 1
+
+
 def test_scanning_alone_notices_an_exec_into_python(
     start_daemon: StartDaemon, processes: Processes, marker: str
 ) -> None:
