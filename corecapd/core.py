@@ -364,7 +364,7 @@ class JobTable:
             job.notes += job.settings.oversubscribed()
         self._set_budget(job)
         return event(
-            **self._facts(job),
+            **job_facts(job),
             budget_basis=job.budget.basis,
             notes=job.notes,
             enforced=self.enforcing,
@@ -407,7 +407,7 @@ class JobTable:
         events: list[Event] = []
         if job.record is not None:  # leaving the job ends its violation too
             events.append(self._resolve(job, now))
-        events.append(JobEnded(**self._facts(job), reason=reason, live_pids=live_pids))
+        events.append(JobEnded(**job_facts(job), reason=reason, live_pids=live_pids))
         return events
 
     def _resolve(self, job: Job, now: float) -> ViolationEnded:
@@ -415,19 +415,7 @@ class JobTable:
         record, job.record = job.record, None
         record.ended = now
         return ViolationEnded(
-            **self._facts(job), peak_threads=record.threads, duration=now - record.started
-        )
-
-    @staticmethod
-    def _facts(job: Job) -> dict[str, Any]:
-        """The fields every job event carries."""
-        return dict(
-            pid=job.pid,
-            user=job.user,
-            rule=job.rule.name,
-            cpus=job.cpus,
-            threads=job.threads,
-            budget=job.budget.threads,
+            **job_facts(job), peak_threads=record.threads, duration=now - record.started
         )
 
     @staticmethod
@@ -482,10 +470,22 @@ class JobTable:
                 job.pid, job.rule.name, job.threads, job.budget.threads, started=now
             )
             self.violations.append(job.record)
-            return [ViolationStarted(**self._facts(job))]
+            return [ViolationStarted(**job_facts(job))]
         if transition is Transition.RESOLVED and job.record is not None:
             return [self._resolve(job, now)]
         return []
+
+
+def job_facts(job: Job) -> dict[str, Any]:
+    """The fields every job event carries (corecapd.events.JobEvent)."""
+    return dict(
+        pid=job.pid,
+        user=job.user,
+        rule=job.rule.name,
+        cpus=job.cpus,
+        threads=job.threads,
+        budget=job.budget.threads,
+    )
 
 
 def eligible_cpus(policy: Policy, online_cpus: frozenset[int]) -> frozenset[int]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from corecapd import __version__
-from corecapd.core import Job, JobTable, eligible_cpus
+from corecapd.core import Job, JobTable, eligible_cpus, job_facts
 from corecapd.cpulist import format_cpulist
 from corecapd.declaration import Registration
 from corecapd.diagnosis import THREADING_VARIABLES, Diagnosis, Evidence, JobFacts, diagnose
@@ -207,17 +207,7 @@ class Daemon:
         except EnforcementError as err:
             if job.id not in self._failed:
                 self._failed.add(job.id)
-                return [
-                    EnforcementFailed(
-                        pid=job.pid,
-                        user=job.user,
-                        rule=job.rule.name,
-                        cpus=job.cpus,
-                        threads=job.threads,
-                        budget=job.budget.threads,
-                        error=str(err),
-                    )
-                ]
+                return [EnforcementFailed(**job_facts(job), error=str(err))]
         return []
 
     def reload(self) -> str:

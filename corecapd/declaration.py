@@ -39,16 +39,20 @@ class Settings:
     data_workers: int
     blas: int
 
+    def pools(self) -> dict[str, int]:
+        """The four layers' sizes, by name (JSON-ready)."""
+        return {
+            "intra_op": self.intra_op,
+            "inter_op": self.inter_op,
+            "data_workers": self.data_workers,
+            "blas": self.blas,
+        }
+
     def oversubscribed(self) -> tuple[str, ...]:
         """Layers declared wider than the grant: accepted, and said so."""
         return tuple(
             f"{name}={value} on {self.cpus} CPUs: oversubscribed by design"
-            for name, value in (
-                ("intra_op", self.intra_op),
-                ("inter_op", self.inter_op),
-                ("data_workers", self.data_workers),
-                ("blas", self.blas),
-            )
+            for name, value in self.pools().items()
             if value > self.cpus
         )
 

@@ -69,14 +69,7 @@ class Diagnosis:
             "budget": self.facts.budget,
             "cpus": self.facts.cpus,
             "tensorflow": self.facts.tensorflow,
-            "declared": None
-            if settings is None
-            else {
-                "intra_op": settings.intra_op,
-                "inter_op": settings.inter_op,
-                "data_workers": settings.data_workers,
-                "blas": settings.blas,
-            },
+            "declared": None if settings is None else settings.pools(),
             "pools": [{"layer": p.layer, "threads": p.threads} for p in self.facts.pools],
             "thread_names": dict(self.evidence.thread_names),
             "environment": dict(self.evidence.environment),

@@ -95,12 +95,7 @@ class Plan:
         return {
             "cpus": self.cpus,
             "affinity": sorted(os.sched_getaffinity(0)),
-            "settings": {
-                "intra_op": self.settings.intra_op,
-                "inter_op": self.settings.inter_op,
-                "data_workers": self.settings.data_workers,
-                "blas": self.settings.blas,
-            },
+            "settings": self.settings.pools(),
             "notes": self.notes,
             "daemon": self.daemon,
             "environment": {name: os.environ.get(name) for name in THREADING_VARIABLES},

@@ -76,14 +76,7 @@ def grant_document(job: Job, enforced: bool) -> dict[str, Any]:
         "pid": job.pid,
         "rule": job.rule.name,
         "cpus": sorted(job.cpus),
-        "settings": None
-        if settings is None
-        else {
-            "intra_op": settings.intra_op,
-            "inter_op": settings.inter_op,
-            "data_workers": settings.data_workers,
-            "blas": settings.blas,
-        },
+        "settings": None if settings is None else settings.pools(),
         "budget": job.budget.threads,
         "budget_basis": job.budget.basis,
         "notes": list(job.notes),

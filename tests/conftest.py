@@ -214,6 +214,7 @@ def start_daemon(tmp_path: Path, marker: str) -> Iterator[StartDaemon]:
         if wait:
             wait_for(
                 lambda: process.poll() is not None or daemon.events("daemon-started"),
+                timeout=30,  # a loaded machine (CI runs beside other work) starts slowly
                 what="corecapd to start",
             )
             assert process.poll() is None, f"corecapd exited: {daemon.log()}"
