@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 
-from corecapd.budget import thread_budget
+from corecapd.budget import declared_budget, thread_budget
+from corecapd.declaration import Declaration, resolve
 
 SEED_FIT = """
 import numpy as np, tensorflow as tf
@@ -32,12 +33,19 @@ TF_DATA_FIT = SEED_FIT.replace(
     ".map(lambda a, b: (a * 2, b), num_parallel_calls=tf.data.AUTOTUNE)"
     ".batch(32).prefetch(tf.data.AUTOTUNE)\nmodel.fit(ds, epochs=3, verbose=0)",
 )
+# The same, with `corecapd.register` first (standalone: no daemon, the mask it runs in).
+REGISTERED_FIT = (
+    "import os, warnings\nwarnings.simplefilter('ignore')\nimport corecapd\n"
+    "corecapd.register(socket='/nonexistent.sock')\n" + SEED_FIT
+)
 NUMPY_DOT = "import numpy\na = numpy.random.rand(2000, 2000)\nfor _ in range(5): a.dot(a)"
 
+# name: (code, loads TensorFlow, registers)
 WORKLOADS = {
-    "keras fit (seed example)": (SEED_FIT, True),
-    "keras fit on tf.data": (TF_DATA_FIT, True),
-    "numpy dot (OpenBLAS)": (NUMPY_DOT, False),
+    "keras fit (seed example)": (SEED_FIT, True, False),
+    "keras fit, registered": (REGISTERED_FIT, True, True),
+    "keras fit on tf.data": (TF_DATA_FIT, True, False),
+    "numpy dot (OpenBLAS)": (NUMPY_DOT, False, False),
 }
 
 
@@ -66,11 +74,14 @@ def main() -> None:
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     print(f"peak threads, median of {args.repeats} runs, sampled every 5 ms")
-    print(f"{'workload':28} {'cpus':>4} {'peak':>5} {'derived':>8} {'+slack 8':>9}")
-    for name, (code, tensorflow) in WORKLOADS.items():
+    print(f"{'workload':28} {'cpus':>4} {'peak':>5} {'budget':>8} {'+slack 8':>9}")
+    for name, (code, tensorflow, registers) in WORKLOADS.items():
         for count in range(1, len(cpus) + 1):
             peaks = [peak_threads(code, set(cpus[:count])) for _ in range(args.repeats)]
-            derived = thread_budget(count, tensorflow, None, 0).threads
+            if registers:  # what it declares: every layer sized to the grant
+                derived = declared_budget(resolve(Declaration(), count), 0).threads
+            else:
+                derived = thread_budget(count, tensorflow, None, 0).threads
             print(
                 f"{name:28} {count:4d} {statistics.median(peaks):5.0f} {derived:8d}"
                 f" {derived + 8:9d}"

@@ -75,9 +75,11 @@ def journal(*matches: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def unit_log(unit: str = UNIT) -> str:
-    status = sh("systemctl", "status", "--no-pager", "-l", unit, check=False).stdout
-    log = sh("journalctl", "--no-pager", "-o", "short-monotonic", "-n", "40", "-u", unit).stdout
+def unit_log(unit: str = UNIT, since: float | None = None) -> str:
+    """`systemctl status`, and the unit's journal since `since` (else its last 40 lines)."""
+    status = sh("systemctl", "status", "--no-pager", "-l", "-n", "0", unit, check=False).stdout
+    window = ["-n", "40"] if since is None else [f"--since=@{since:.3f}"]
+    log = sh("journalctl", "--no-pager", "-o", "short-monotonic", *window, "-u", unit).stdout
     return f"{status}\n--- journal of {unit} ---\n{log}"
 
 
@@ -190,8 +192,9 @@ def guest() -> Iterator[Guest]:
 
 def confines(state: Guest, unit: str) -> str | None:
     """Start `unit`, confine a marked child with it; None if all went well, else what failed."""
+    since = time.time()
     if sh("systemctl", "start", unit, check=False, timeout=150).returncode != 0:
-        return f"systemctl start {unit} failed\n{unit_log(unit)}"
+        return f"systemctl start {unit} failed\n{unit_log(unit, since)}"
     child = state.marked_child()
     try:
         job = wait_for(
@@ -202,7 +205,7 @@ def confines(state: Guest, unit: str) -> str | None:
         state.granted = frozenset(job["cpus"])
         wait_for(lambda: thread_masks(child.pid) == {state.granted}, 30, "its affinity")
     except AssertionError as err:
-        return f"{err}\n{unit_log(unit)}"
+        return f"{err}\n{unit_log(unit, since)}"
     return None
 
 
