@@ -22,7 +22,7 @@ from collections.abc import Callable
 import psutil
 
 from corecapd.core import JobTable
-from corecapd.enforcement.affinity import AffinityBackend
+from corecapd.enforcement import AffinityBackend, Host
 from corecapd.policy import parse_policy
 from corecapd.procfs import ProcFS, Scanner, online_cpus
 
@@ -75,12 +75,12 @@ def main() -> None:
     online = online_cpus()
     scanner = Scanner(procfs)
     table = JobTable(policy, online, os.getpid(), enforcing=True)
-    backend = AffinityBackend(procfs, online)
+    backend = AffinityBackend(Host(procfs, online))
 
     def corecapd_scan() -> None:
         table.step(scanner.scan(table.libraries_wanted), time.time())
         for job in table.jobs.values():
-            backend.apply([key.pid for key in job.members], job.cpus)
+            backend.confine(job.name, [key.pid for key in job.members], job.cpus)
 
     jobs: list[subprocess.Popen[bytes]] = []
     try:

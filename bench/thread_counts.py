@@ -33,17 +33,20 @@ TF_DATA_FIT = SEED_FIT.replace(
     ".map(lambda a, b: (a * 2, b), num_parallel_calls=tf.data.AUTOTUNE)"
     ".batch(32).prefetch(tf.data.AUTOTUNE)\nmodel.fit(ds, epochs=3, verbose=0)",
 )
-# The same, with `corecapd.register` first (standalone: no daemon, the mask it runs in).
+# The same, with `corecapd.register` first (standalone: no daemon, so the grant is the mask
+# it runs in, or its first CPU with cpus=1).
 REGISTERED_FIT = (
     "import os, warnings\nwarnings.simplefilter('ignore')\nimport corecapd\n"
     "corecapd.register(socket='/nonexistent.sock')\n" + SEED_FIT
 )
+REGISTERED_ONE_CPU_FIT = REGISTERED_FIT.replace("register(", "register(cpus=1, ")
 NUMPY_DOT = "import numpy\na = numpy.random.rand(2000, 2000)\nfor _ in range(5): a.dot(a)"
 
 # name: (code, loads TensorFlow, registers)
 WORKLOADS = {
     "keras fit (seed example)": (SEED_FIT, True, False),
     "keras fit, registered": (REGISTERED_FIT, True, True),
+    "keras fit, registered cpus=1": (REGISTERED_ONE_CPU_FIT, True, True),
     "keras fit on tf.data": (TF_DATA_FIT, True, False),
     "numpy dot (OpenBLAS)": (NUMPY_DOT, False, False),
 }
@@ -79,7 +82,8 @@ def main() -> None:
         for count in range(1, len(cpus) + 1):
             peaks = [peak_threads(code, set(cpus[:count])) for _ in range(args.repeats)]
             if registers:  # what it declares: every layer sized to the grant
-                derived = declared_budget(resolve(Declaration(), count), 0).threads
+                granted = 1 if "cpus=1" in name else count
+                derived = declared_budget(resolve(Declaration(), granted), 0).threads
             else:
                 derived = thread_budget(count, tensorflow, None, 0).threads
             print(

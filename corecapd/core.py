@@ -87,6 +87,11 @@ class Job:
     def pid(self) -> int:
         return self.id.pid
 
+    @property
+    def name(self) -> str:
+        """Unique across PID reuse and daemon restarts: names the job's cgroup."""
+        return f"{self.id.pid}-{self.id.start_ticks}"
+
 
 class JobTable:
     def __init__(
@@ -407,7 +412,7 @@ class JobTable:
         events: list[Event] = []
         if job.record is not None:  # leaving the job ends its violation too
             events.append(self._resolve(job, now))
-        events.append(JobEnded(**job_facts(job), reason=reason, live_pids=live_pids))
+        events.append(JobEnded(**job_facts(job), job=job.name, reason=reason, live_pids=live_pids))
         return events
 
     def _resolve(self, job: Job, now: float) -> ViolationEnded:

@@ -16,7 +16,9 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,21 @@ from corecapd.core import Job, JobTable, eligible_cpus, job_facts
 from corecapd.cpulist import format_cpulist
 from corecapd.declaration import Registration
 from corecapd.diagnosis import THREADING_VARIABLES, Diagnosis, Evidence, JobFacts, diagnose
-from corecapd.enforcement import Backend, EnforcementError, NoBackend, choose_backend
+from corecapd.enforcement import (
+    AffinityBackend,
+    Backend,
+    EnforcementError,
+    Host,
+    NoBackend,
+    choose_backend,
+)
 from corecapd.events import (
     DaemonStarted,
     EnforcementFailed,
     Event,
     ExecEventsLost,
     ExecEventsUnavailable,
+    FenceFailed,
     JobEnded,
     PolicyRejected,
     PolicyReloaded,
@@ -53,13 +63,49 @@ from corecapd.status import (
 from corecapd.topology import Topology, TopologyError, read_topology
 
 # Policy keys that only a restart applies: the socket, the backend and the event source.
-RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority")
+RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority", "cgroup")
 MIN_SCAN_GAP = 0.1  # seconds: exits trigger scans, but not more often than this
 LATENCY_SAMPLES = 10_000
 
 
 class StartupError(Exception):
     pass
+
+
+class FenceWorker:
+    """The fence backend's work, in order, on one thread of its own: a cgroup move takes
+    6-12 ms and removing a used cgroup waits for the kernel, and exec events must never wait
+    behind either (the write releases the GIL). Errors come back to the loop's thread."""
+
+    def __init__(self, backend: Backend, on_error: Callable[[str, str], None]) -> None:
+        self.backend = backend
+        self._on_error = on_error
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corecapd-fence")
+
+    def confine(self, job: str, pids: Sequence[int], cpus: frozenset[int]) -> None:
+        self._submit(partial(self.backend.confine, job, tuple(pids), cpus), job)
+
+    def release(self, job: str, pids: Sequence[int]) -> None:
+        self._submit(partial(self.backend.release, job, tuple(pids)), job)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+    def _submit(self, operation: Callable[[], object], job: str) -> None:
+        future = asyncio.get_running_loop().run_in_executor(self._thread, _attempt, operation)
+        future.add_done_callback(lambda done: self._report(job, done.result()))
+
+    def _report(self, job: str, error: str | None) -> None:
+        if error is not None:
+            self._on_error(job, error)
+
+
+def _attempt(operation: Callable[[], object]) -> str | None:
+    try:
+        operation()
+    except EnforcementError as err:
+        return str(err)
+    return None
 
 
 def check_fits_host(policy: Policy, online: frozenset[int]) -> None:
@@ -78,7 +124,8 @@ class Daemon:
         policy: Policy,
         policy_path: Path,
         scanner: Scanner,
-        backend: Backend,
+        affinity: AffinityBackend,
+        fence: Backend | None,
         table: JobTable,
         reporter: Reporter,
         exec_events: ProcEventSocket | str,
@@ -86,7 +133,10 @@ class Daemon:
         self.policy = policy
         self.policy_path = policy_path
         self.scanner = scanner
-        self.backend = backend
+        # Affinity first (the fast path: pools size themselves from the mask), then a fence.
+        self.affinity = affinity
+        self.fences = FenceWorker(fence, self._fence_failed) if fence is not None else None
+        self._fence_errors: set[tuple[str, str]] = set()
         self.table = table
         self.reporter = reporter
         self.exec_events = exec_events  # the subscription, or why there is none
@@ -112,7 +162,7 @@ class Daemon:
             DaemonStarted(
                 policy=self.policy.source,
                 mode=self.policy.daemon.mode,
-                backend=self.backend.describe(),
+                backend=self._backend_description(),
                 eligible_cpus=self.table.eligible_cpus,
             )
         )
@@ -121,6 +171,7 @@ class Daemon:
         else:
             self.reporter.emit(ExecEventsUnavailable(reason=self.exec_events))
         self.scan()
+        self._release_orphaned_fences()
         self.reporter.notify("READY=1", self._status_line())
         watchdog = _watchdog_interval()
         try:
@@ -140,6 +191,8 @@ class Daemon:
                 loop.remove_reader(self.exec_events.fileno())
                 self.exec_events.close()
             await self.server.stop()
+            if self.fences is not None:
+                self.fences.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -152,9 +205,10 @@ class Daemon:
         processes = self.scanner.scan(self.table.libraries_wanted)
         events = self.table.step(processes, now)
         if self.enforcing:
-            for event in events:
-                if isinstance(event, JobEnded) and event.live_pids:
-                    self.backend.release(event.live_pids)
+            for ended in [event for event in events if isinstance(event, JobEnded)]:
+                self.affinity.release(ended.job, ended.live_pids)
+                if self.fences is not None:
+                    self.fences.release(ended.job, ended.live_pids)
             self._failed &= self.table.jobs.keys()
             for job in self.table.jobs.values():
                 events += self._enforce(job, sorted(key.pid for key in job.members))
@@ -195,20 +249,47 @@ class Daemon:
             return
         events, job = self.table.admit(process, time.time())
         if job is not None and self.enforcing:
-            events += self._enforce(job, [event.pid])
+            events += self._confine(job, [event.pid])
             self.exec_latency_us.append((time.monotonic_ns() - event.timestamp_ns) / 1000)
+            if self.fences is not None:
+                self.fences.confine(job.name, (event.pid,), job.cpus)  # the fence follows
         for reported in events:
             self.reporter.emit(reported)
 
     def _enforce(self, job: Job, pids: list[int]) -> list[Event]:
-        """Confine `pids` (all their threads) to the job's cores; an error is reported once."""
+        """Affinity now, then the fence (on its worker)."""
+        events = self._confine(job, pids)
+        if self.fences is not None:
+            self.fences.confine(job.name, pids, job.cpus)
+        return events
+
+    def _confine(self, job: Job, pids: list[int]) -> list[Event]:
+        """Every thread's mask to the job's cores; an error is reported once per job."""
         try:
-            self.backend.apply(pids, job.cpus)
+            self.affinity.confine(job.name, pids, job.cpus)
         except EnforcementError as err:
             if job.id not in self._failed:
                 self._failed.add(job.id)
                 return [EnforcementFailed(**job_facts(job), error=str(err))]
         return []
+
+    def _fence_failed(self, job: str, error: str) -> None:
+        if (job, error) not in self._fence_errors:
+            self._fence_errors.add((job, error))
+            self.reporter.emit(FenceFailed(job=job, error=error))
+
+    def _release_orphaned_fences(self) -> None:
+        """Fences a previous daemon left whose job is gone; the others it confines again."""
+        if self.fences is None or not self.enforcing:
+            return
+        current = {job.name for job in self.table.jobs.values()}
+        for job in self.fences.backend.adopt().keys() - current:
+            self.fences.release(job, ())
+
+    def _backend_description(self) -> str:
+        if self.fences is None:
+            return self.affinity.describe()
+        return f"{self.affinity.describe()} + {self.fences.backend.describe()}"
 
     def reload(self) -> str:
         """Swap in the policy file's current content, or keep the old one and say why."""
@@ -246,7 +327,7 @@ class Daemon:
             return status_document(
                 self.table,
                 self.policy.daemon.mode,
-                self.backend.describe(),
+                self._backend_description(),
                 self.policy.source,
                 time.time(),
                 self._exec_events_state(),
@@ -374,13 +455,15 @@ def build(config: Path) -> Daemon:
         print(f"corecapd: CPU topology unreadable, allocating without it: {err}", file=sys.stderr)
         topology, online = None, online_cpus()
     check_fits_host(policy, online)
+    procfs = ProcFS()
+    host = Host(procfs, online, cgroup=policy.daemon.cgroup)
     try:
-        backend_class, _why = choose_backend(policy.daemon.backend)
+        chosen, why = choose_backend(policy.daemon.backend, host)
     except NoBackend as err:
         raise StartupError(str(err)) from None
+    print(f"corecapd: enforcement by {chosen.describe()} ({why})", file=sys.stderr)
     if policy.daemon.realtime_priority:
         _run_realtime(policy.daemon.realtime_priority)
-    procfs = ProcFS()
     table = JobTable(
         policy, online, os.getpid(), enforcing=policy.daemon.mode == "enforce", topology=topology
     )
@@ -388,7 +471,8 @@ def build(config: Path) -> Daemon:
         policy,
         config,
         Scanner(procfs),
-        backend_class(procfs, online),
+        AffinityBackend(host),
+        None if isinstance(chosen, AffinityBackend) else chosen,
         table,
         Reporter(under_journal()),
         _subscribe(policy),

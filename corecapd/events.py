@@ -138,6 +138,7 @@ class JobChanged(JobStarted):
 class JobEnded(JobEvent):
     kind = "job-ended"
     message_id = "48427d6496df45c1ab75e19e447df6b6"
+    job: str  # Job.name: what the backends confined
     reason: str
     live_pids: tuple[int, ...]  # members still running: the backend must let them go
 
@@ -229,3 +230,18 @@ class ExecEventsLost(Event):
 
     def fields(self) -> dict[str, str]:
         return {"CORECAP_REASON": self.reason, "CORECAP_LOSSES": str(self.total)}
+
+
+@dataclass(frozen=True)
+class FenceFailed(Event):
+    kind = "fence-failed"
+    message_id = "82735cb0c28243eebcfb2edc85bccccb"
+    priority = ERR
+    job: str  # Job.name
+    error: str
+
+    def message(self) -> str:
+        return f"job {self.job}: the cpuset fence failed ({self.error}); its affinity still holds"
+
+    def fields(self) -> dict[str, str]:
+        return {"CORECAP_JOB": self.job, "CORECAP_ERROR": self.error}

@@ -25,7 +25,7 @@ DEFAULT_SOCKET = "/run/corecap/corecap.sock"
 
 Mode = Literal["enforce", "monitor"]
 MODES: tuple[Mode, ...] = ("enforce", "monitor")
-BACKENDS = ("auto", "affinity")
+BACKENDS = ("auto", "affinity", "cgroup1")
 
 
 class PolicyError(ValueError):
@@ -41,6 +41,7 @@ class DaemonSettings:
     socket: str = DEFAULT_SOCKET
     exec_events: bool = True
     realtime_priority: int = 0
+    cgroup: str = "corecap"
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,15 @@ def _users(where: str, value: object) -> tuple[str, ...]:
     return names
 
 
+def _cgroup_name(where: str, value: object) -> str:
+    name = _nonempty_string(where, value)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+        raise _SchemaError(
+            f"{where}: expected a directory name (letters, digits, _ . -), found {name!r}"
+        )
+    return name
+
+
 def _socket_path(where: str, value: object) -> str:
     path = _nonempty_string(where, value)
     if not path.startswith("/"):
@@ -282,6 +292,7 @@ def _build_policy(root: _Table, source: str) -> Policy:
         socket=section.get("socket", _socket_path, DEFAULT_SOCKET),
         exec_events=section.get("exec_events", _boolean, True),
         realtime_priority=section.get("realtime_priority", _integer(0, 99), 0),
+        cgroup=section.get("cgroup", _cgroup_name, "corecap"),
     )
     section.finish()
 

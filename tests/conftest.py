@@ -7,6 +7,7 @@ machine. Every process a test starts is ended by PID at teardown, also on failur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -156,9 +157,12 @@ def marked_rule(marker: str, name: str = "marked", **settings: object) -> str:
 
 def policy_text(marker: str, rules: str = "", **sections: dict[str, Any]) -> str:
     """A policy whose sections are given as dicts; `rules` is raw TOML for [[rules]]."""
-    daemon = {"mode": "enforce", "scan_interval": 0.1, "reserved_cpus": ""} | sections.pop(
-        "daemon", {}
-    )
+    daemon = {
+        "mode": "enforce",
+        "scan_interval": 0.1,
+        "reserved_cpus": "",
+        "cgroup": f"corecap-test-{marker}",  # ours alone, removed at teardown
+    } | sections.pop("daemon", {})
     defaults = {"grace": 0.0, "violation_after": 2} | sections.pop("defaults", {})
     out = []
     for name, table in (("daemon", daemon), ("defaults", defaults), *sections.items()):
@@ -225,4 +229,23 @@ def start_daemon(tmp_path: Path, marker: str) -> Iterator[StartDaemon]:
     finally:
         for daemon in daemons:
             daemon.stop()
+        remove_cgroup(CPUSET / f"corecap-test-{marker}")
+        for daemon in daemons:
             assert "Traceback" not in daemon.log(), daemon.log()
+
+
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+
+
+def remove_cgroup(path: Path) -> None:
+    """Remove a cpuset tree a test's daemon made, after moving any process in it (only the
+    test's own can be there) back to the root cpuset."""
+    if not path.is_dir():
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            remove_cgroup(child)
+    for pid in (path / "cgroup.procs").read_text().split():
+        with contextlib.suppress(ProcessLookupError):
+            (CPUSET / "cgroup.procs").write_text(pid)
+    path.rmdir()

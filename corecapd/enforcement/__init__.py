@@ -3,27 +3,42 @@
 from __future__ import annotations
 
 from corecapd.enforcement.affinity import AffinityBackend
-from corecapd.enforcement.base import Backend, EnforcementError
+from corecapd.enforcement.base import Backend, EnforcementError, Host
+from corecapd.enforcement.cgroup1 import Cgroup1Backend
 
-BACKENDS: tuple[type[Backend], ...] = (AffinityBackend,)
+# Fences first, best first; affinity works everywhere and always runs too (the fast path).
+BACKENDS: tuple[type[Backend], ...] = (Cgroup1Backend, AffinityBackend)
 
 
 class NoBackend(Exception):
     pass
 
 
-def choose_backend(requested: str) -> tuple[type[Backend], str]:
-    """The backend class for the policy's `daemon.backend`, and why it was chosen."""
-    for backend in BACKENDS:
-        if requested not in ("auto", backend.name):
+def choose_backend(requested: str, host: Host) -> tuple[Backend, str]:
+    """The backend for the policy's `daemon.backend`, and why it was chosen."""
+    passed_over: list[str] = []
+    for kind in BACKENDS:
+        if requested not in ("auto", kind.name):
             continue
-        reason = backend.unavailable_reason()
-        if reason is None:
-            why = "configured" if requested == backend.name else "first available"
-            return backend, why
-        if requested == backend.name:
-            raise NoBackend(f"daemon.backend = {requested!r} cannot work here: {reason}")
+        backend = kind(host)
+        problem = backend.problem()
+        if problem is None:
+            if requested == kind.name:
+                return backend, "configured"
+            return backend, "auto: " + "; ".join([*passed_over, f"{kind.name} works here"])
+        if requested == kind.name:
+            raise NoBackend(f"daemon.backend = {requested!r} cannot work here: {problem}")
+        passed_over.append(f"not {kind.name}: {problem}")
     raise NoBackend(f"daemon.backend = {requested!r}: no enforcement backend works on this host")
 
 
-__all__ = ["BACKENDS", "Backend", "EnforcementError", "NoBackend", "choose_backend"]
+__all__ = [
+    "BACKENDS",
+    "AffinityBackend",
+    "Backend",
+    "Cgroup1Backend",
+    "EnforcementError",
+    "Host",
+    "NoBackend",
+    "choose_backend",
+]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from corecapd.cpulist import format_cpulist
 from corecapd.enforcement.base import Backend, EnforcementError
@@ -22,24 +22,23 @@ MAX_PASSES = 8
 class AffinityBackend(Backend):
     name = "affinity"
 
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
+    def problem(self) -> str | None:
         return None if hasattr(os, "sched_setaffinity") else "no sched_setaffinity on this OS"
 
-    def apply(self, pids: Iterable[int], cpus: frozenset[int]) -> int:
+    def confine(self, job: str, pids: Sequence[int], cpus: frozenset[int]) -> int:
         return sum(self._set_all_threads(pid, cpus) for pid in pids)
 
-    def release(self, pids: Iterable[int]) -> None:
+    def release(self, job: str, pids: Sequence[int]) -> None:
         # The kernel narrows a mask to the thread's cpuset, so "all online" means "as before".
         for pid in pids:
-            self._set_all_threads(pid, self.online_cpus)
+            self._set_all_threads(pid, self.host.online_cpus)
 
     def _set_all_threads(self, pid: int, cpus: frozenset[int]) -> int:
         changed = 0
         done: set[int] = set()
         try:
             for _ in range(MAX_PASSES):
-                fresh = [tid for tid in self.procfs.thread_ids(pid) if tid not in done]
+                fresh = [tid for tid in self.host.procfs.thread_ids(pid) if tid not in done]
                 if not fresh:
                     break
                 for tid in fresh:
@@ -70,7 +69,7 @@ class AffinityBackend(Backend):
     def _allowed(self, pid: int) -> str:
         try:
             with vanishing(pid):
-                status = (self.procfs.root / str(pid) / "status").read_text()
+                status = (self.host.procfs.root / str(pid) / "status").read_text()
         except ProcessGone:
             return "unknown, the process is gone"
         for line in status.splitlines():

@@ -1,0 +1,131 @@
+"""The cgroup v1 cpuset fence, against this machine's real cpuset hierarchy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import CPUSET, Processes, StartDaemon, remove_cgroup, wait_for
+
+from corecapd.enforcement import AffinityBackend, Cgroup1Backend, Host, NoBackend, choose_backend
+from corecapd.procfs import ProcFS, online_cpus
+
+CPUS = sorted(os.sched_getaffinity(0))
+pytestmark = [
+    pytest.mark.skipif(not (CPUSET / "cpuset.cpus").is_file(), reason="no cgroup v1 cpuset"),
+    pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs"),
+]
+JOB_CPU = CPUS[-1]
+
+
+@pytest.fixture
+def host(marker: str) -> Iterator[Host]:
+    name = f"corecap-test-{marker}"
+    yield Host(ProcFS(), online_cpus(), cgroup=name)
+    remove_cgroup(CPUSET / name)
+
+
+def cpuset_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cpuset").read_text().strip()
+
+
+def test_confine_moves_the_whole_process_and_release_removes_everything(
+    host: Host, processes: Processes
+) -> None:
+    backend = Cgroup1Backend(host)
+    assert backend.problem() is None
+    job = processes.python(
+        "import threading, sys; [threading.Thread(target=sys.stdin.read, daemon=True).start()"
+        " for _ in range(4)]; sys.stdin.read()",
+        stdin=subprocess.PIPE,
+    )
+    wait_for(lambda: len(os.listdir(f"/proc/{job.pid}/task")) == 5)
+    assert backend.confine("1-2", [job.pid], frozenset({JOB_CPU})) == 1
+    fence = CPUSET / host.cgroup / "job-1-2"
+    assert cpuset_of(job.pid) == f"/{host.cgroup}/job-1-2"
+    assert (fence / "cpuset.cpus").read_text().strip() == str(JOB_CPU)
+    tasks = (fence / "tasks").read_text().split()
+    assert len(tasks) == 5  # one write to cgroup.procs moved every thread
+    assert all(os.sched_getaffinity(int(t)) == {JOB_CPU} for t in tasks)
+    assert backend.confine("1-2", [job.pid], frozenset({JOB_CPU})) == 0  # idempotent
+    assert backend.adopt() == {"1-2": frozenset({JOB_CPU})}
+
+    backend.release("1-2", [job.pid])
+    assert cpuset_of(job.pid) == "/"
+    assert not (CPUSET / host.cgroup).exists()  # the last job took the subtree with it
+
+
+def test_the_job_cannot_widen_its_own_mask(host: Host, processes: Processes) -> None:
+    backend = Cgroup1Backend(host)
+    job = processes.python(
+        "import os, sys; sys.stdin.readline();"
+        f" os.sched_setaffinity(0, {set(CPUS)!r}); print(sorted(os.sched_getaffinity(0)))",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    backend.confine("3-4", [job.pid], frozenset({JOB_CPU}))
+    out, _ = job.communicate(b"go\n", timeout=30)
+    assert json.loads(out) == [JOB_CPU]  # the kernel narrows any mask to the cpuset
+
+
+def test_a_process_in_another_cpuset_is_left_in_it(
+    host: Host, processes: Processes, marker: str
+) -> None:
+    outer = CPUSET / f"corecap-test-outer-{marker}"
+    outer.mkdir()
+    try:
+        (outer / "cpuset.cpus").write_text(",".join(map(str, CPUS)))
+        (outer / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+        job = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+        (outer / "cgroup.procs").write_text(str(job.pid))
+        assert Cgroup1Backend(host).confine("5-6", [job.pid], frozenset({JOB_CPU})) == 0
+        assert cpuset_of(job.pid) == f"/corecap-test-outer-{marker}"
+    finally:
+        processes.end_all()
+        remove_cgroup(outer)
+
+
+def test_choice_of_backend(host: Host, tmp_path: Path) -> None:
+    chosen, why = choose_backend("auto", host)
+    assert isinstance(chosen, Cgroup1Backend) and why.startswith("auto")
+    assert isinstance(choose_backend("affinity", host)[0], AffinityBackend)
+    nowhere = Host(host.procfs, host.online_cpus, cgroup_root=tmp_path)
+    assert isinstance(choose_backend("auto", nowhere)[0], AffinityBackend)
+    assert "not cgroup1: no cgroup v1 cpuset hierarchy" in choose_backend("auto", nowhere)[1]
+    with pytest.raises(NoBackend, match=r"daemon\.backend = 'cgroup1' cannot work here"):
+        choose_backend("cgroup1", nowhere)
+
+
+def test_daemon_fences_jobs_and_cleans_up_after_them(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(daemon={"reserved_cpus": str(CPUS[0]), "backend": "cgroup1"})
+    assert daemon.status()["host"]["backend"].startswith("affinity + cgroup1")
+    job = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    daemon.wait_job(job.pid)
+    subtree = f"corecap-test-{marker}"
+    wait_for(lambda: cpuset_of(job.pid).startswith(f"/{subtree}/job-{job.pid}-"))
+    assert job.stdin is not None
+    job.stdin.close()
+    job.wait(timeout=10)
+    daemon.wait_event("job-ended", pid=str(job.pid))
+    wait_for(lambda: not (CPUSET / subtree).exists(), what="the fence removed")
+
+
+def test_a_restarted_daemon_removes_fences_whose_job_is_gone(
+    start_daemon: StartDaemon, marker: str
+) -> None:
+    subtree = CPUSET / f"corecap-test-{marker}"
+    stale = subtree / "job-4194000-1"  # no such process
+    subtree.mkdir()
+    (subtree / "cpuset.cpus").write_text(str(JOB_CPU))
+    (subtree / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    stale.mkdir()
+    (stale / "cpuset.cpus").write_text(str(JOB_CPU))
+    (stale / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    start_daemon(daemon={"backend": "cgroup1"})
+    wait_for(lambda: not stale.exists(), what="the stale fence removed")
