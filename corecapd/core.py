@@ -113,6 +113,7 @@ class JobTable:
         self._member_pids: dict[int, ProcKey] = {}  # for the exec path, which has a ppid only
         self._exec_marks: dict[ProcKey, int] = {}  # of processes classified outside any job
         self._exe_verdicts: dict[str, bool] = {}
+        self._restored: dict[str, Registration] = {}
         self._ignored: set[ProcKey] = set()
         self._waiting: set[ProcKey] = set()  # classification may change once libraries load
         self._library_reads: dict[ProcKey, LibraryRead] = {}
@@ -197,6 +198,14 @@ class JobTable:
         job.registration = registration
         return [self._place(job, kind)], job
 
+    def restore(self, registrations: Mapping[str, Registration]) -> None:
+        """Registrations a previous daemon saved: each is applied again when its process
+        (same PID and start time, so never a reused PID) is next classified."""
+        self._restored = dict(registrations)
+
+    def registrations(self) -> list[tuple[str, Registration]]:
+        return [(job.name, job.registration) for job in self.jobs.values() if job.registration]
+
     def job_of(self, pid: int) -> Job | None:
         key = self._member_pids.get(pid)
         return None if key is None else self.jobs[self._member_of[key]]
@@ -273,6 +282,9 @@ class JobTable:
 
     def _classify(self, process: Observed, now: float) -> list[Event]:
         key = process.key
+        restored = self._restored.pop(f"{key.pid}-{key.start_ticks}", None)
+        if restored is not None:
+            return self.register(process, restored, now)[0]
         job = self.jobs.get(key)
         found = self._rule_for(process, job)
         if found is None:

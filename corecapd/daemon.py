@@ -45,6 +45,7 @@ from corecapd.events import (
     JobEnded,
     PolicyRejected,
     PolicyReloaded,
+    StateProblem,
     ViolationStarted,
 )
 from corecapd.journal import Reporter, under_journal
@@ -54,6 +55,7 @@ from corecapd.proc_events import EventsLost, ProcEvent, ProcEventSocket
 from corecapd.procfs import ProcessGone, ProcFS, Scanner, online_cpus
 from corecapd.protocol import CommandFailed, Request
 from corecapd.server import Peer, SocketServer
+from corecapd.state import StateError, load_state, save_state
 from corecapd.status import (
     grant_document,
     latency_summary,
@@ -63,7 +65,7 @@ from corecapd.status import (
 from corecapd.topology import Topology, TopologyError, read_topology
 
 # Policy keys that only a restart applies: the socket, the backend and the event source.
-RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority", "cgroup")
+RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority", "cgroup", "state_dir")
 MIN_SCAN_GAP = 0.1  # seconds: exits trigger scans, but not more often than this
 LATENCY_SAMPLES = 10_000
 
@@ -137,6 +139,8 @@ class Daemon:
         self.affinity = affinity
         self.fences = FenceWorker(fence, self._fence_failed) if fence is not None else None
         self._fence_errors: set[tuple[str, str]] = set()
+        self._saved: list[tuple[str, Registration]] = []
+        self.state_problem: str | None = None  # why a previous daemon's state was not used
         self.table = table
         self.reporter = reporter
         self.exec_events = exec_events  # the subscription, or why there is none
@@ -166,6 +170,8 @@ class Daemon:
                 eligible_cpus=self.table.eligible_cpus,
             )
         )
+        if self.state_problem is not None:
+            self.reporter.emit(StateProblem(error=self.state_problem))
         if isinstance(self.exec_events, ProcEventSocket):
             loop.add_reader(self.exec_events.fileno(), self._on_exec_events)
         else:
@@ -214,6 +220,7 @@ class Daemon:
                 events += self._enforce(job, sorted(key.pid for key in job.members))
         for event in self._explained(events):
             self.reporter.emit(event)
+        self._save_state()
         self.reporter.notify(self._status_line())
 
     def _scan_soon(self) -> None:
@@ -367,7 +374,19 @@ class Daemon:
             events += self._enforce(job, sorted(key.pid for key in job.members))
         for event in events:
             self.reporter.emit(event)
+        self._save_state()
         return grant_document(job, self.enforcing)
+
+    def _save_state(self) -> None:
+        """Keep what registered jobs declared for a restarted daemon (state.py)."""
+        registrations = self.table.registrations()
+        if registrations == self._saved:
+            return
+        try:
+            save_state(Path(self.policy.daemon.state_dir), registrations)
+        except OSError as err:
+            self.reporter.emit(StateProblem(error=f"{self.policy.daemon.state_dir}: {err}"))
+        self._saved = registrations
 
     def _explain(self, pid: int) -> dict[str, Any]:
         job = self.table.job_of(pid)
@@ -467,7 +486,7 @@ def build(config: Path) -> Daemon:
     table = JobTable(
         policy, online, os.getpid(), enforcing=policy.daemon.mode == "enforce", topology=topology
     )
-    return Daemon(
+    daemon = Daemon(
         policy,
         config,
         Scanner(procfs),
@@ -477,6 +496,11 @@ def build(config: Path) -> Daemon:
         Reporter(under_journal()),
         _subscribe(policy),
     )
+    try:
+        table.restore(load_state(Path(policy.daemon.state_dir)))
+    except StateError as err:
+        daemon.state_problem = str(err)
+    return daemon
 
 
 def _run_realtime(priority: int) -> None:

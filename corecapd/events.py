@@ -245,3 +245,17 @@ class FenceFailed(Event):
 
     def fields(self) -> dict[str, str]:
         return {"CORECAP_JOB": self.job, "CORECAP_ERROR": self.error}
+
+
+@dataclass(frozen=True)
+class StateProblem(Event):
+    kind = "state-problem"
+    message_id = "24884896d65f4e18985dc1a4ce94b786"
+    priority = WARNING
+    error: str
+
+    def message(self) -> str:
+        return f"registrations are not kept across restarts: {self.error}"
+
+    def fields(self) -> dict[str, str]:
+        return {"CORECAP_ERROR": self.error}

@@ -42,6 +42,7 @@ class DaemonSettings:
     exec_events: bool = True
     realtime_priority: int = 0
     cgroup: str = "corecap"
+    state_dir: str = "/run/corecap"
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,7 @@ def _cgroup_name(where: str, value: object) -> str:
     return name
 
 
-def _socket_path(where: str, value: object) -> str:
+def _absolute_path(where: str, value: object) -> str:
     path = _nonempty_string(where, value)
     if not path.startswith("/"):
         raise _SchemaError(f"{where}: expected an absolute path, found {path!r}")
@@ -289,10 +290,11 @@ def _build_policy(root: _Table, source: str) -> Policy:
         backend=section.get("backend", _choice(BACKENDS), "auto"),
         scan_interval=section.get("scan_interval", _seconds(0.05, 3600), 1.0),
         reserved_cpus=section.get("reserved_cpus", _cpus, frozenset()),
-        socket=section.get("socket", _socket_path, DEFAULT_SOCKET),
+        socket=section.get("socket", _absolute_path, DEFAULT_SOCKET),
         exec_events=section.get("exec_events", _boolean, True),
         realtime_priority=section.get("realtime_priority", _integer(0, 99), 0),
         cgroup=section.get("cgroup", _cgroup_name, "corecap"),
+        state_dir=section.get("state_dir", _absolute_path, "/run/corecap"),
     )
     section.finish()
 

@@ -200,7 +200,10 @@ def start_daemon(tmp_path: Path, marker: str) -> Iterator[StartDaemon]:
         extra_env = sections.pop("env", {})
         prefix = sections.pop("prefix", [])  # e.g. setpriv, to start it with fewer privileges
         default_socket = str(tmp_path / f"corecap-{index}.sock")
-        sections["daemon"] = {"socket": default_socket} | sections.get("daemon", {})
+        sections["daemon"] = {
+            "socket": default_socket,
+            "state_dir": str(tmp_path / "state"),
+        } | sections.get("daemon", {})
         socket_path = Path(sections["daemon"]["socket"])
         policy_path = tmp_path / f"policy-{index}.toml"
         policy_path.write_text(text if text is not None else policy_text(marker, **sections))

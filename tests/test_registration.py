@@ -245,3 +245,37 @@ def test_kmeans_with_omp_16_on_one_core_is_a_violation_naming_openmp(
 def test_explain_of_a_pid_in_no_job(daemon: Daemon) -> None:
     with pytest.raises(RemoteError, match="is in no job"):
         call(daemon.socket, "explain", pid=os.getpid())
+
+
+def test_registrations_survive_a_killed_daemon(
+    start_daemon: StartDaemon, processes: Processes, marker: str, tmp_path: Path
+) -> None:
+    settings = {"reserved_cpus": str(CPUS[0]), "state_dir": str(tmp_path / "kept")}
+    first = start_daemon(daemon=settings, rules=marked_rule(marker, "training", cpus=4))
+    unmatched = processes.run(
+        [PYTHON, "-c", REGISTERING_JOB, "unmarked", json.dumps({"cpus": 1, "intra_op": 3})],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, CORECAP_SOCKET=str(first.socket)),
+    )
+    assert unmatched.stdout is not None and json.loads(unmatched.stdout.readline())
+    first.wait_job(unmatched.pid)
+    first.process.kill()  # kill -9: no goodbye, no cleanup
+    first.process.wait()
+
+    second = start_daemon(daemon=settings, rules=marked_rule(marker, "training", cpus=4))
+    job = second.wait_job(unmatched.pid)
+    assert job["rule"] == "registered" and job["cpus"] == [JOB_CPU]
+    assert job["budget_basis"].startswith("declared: intra 3 + inter 1")
+    assert os.sched_getaffinity(unmatched.pid) == {JOB_CPU}
+
+
+def test_a_corrupt_state_file_is_reported_and_ignored(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    state = tmp_path / "broken"
+    state.mkdir()
+    (state / "state.json").write_text("{not json")
+    daemon = start_daemon(daemon={"state_dir": str(state)})
+    problem = daemon.wait_event("state-problem")
+    assert "state.json: unreadable" in problem["error"]
