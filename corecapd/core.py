@@ -79,6 +79,7 @@ class Job:
     record: ViolationRecord | None = None
     cpu_seconds: dict[ProcKey, float] = field(default_factory=dict)
     sampled_at: float | None = None
+    cpuset: frozenset[int] | None = None  # an outer bound set by someone else (Identity)
     registration: Registration | None = None  # what the job declared, if it registered
     settings: Settings | None = None  # its declaration resolved against its grant
     epochs: deque[EpochReport] = field(default_factory=lambda: deque(maxlen=EPOCHS_KEPT))
@@ -310,6 +311,7 @@ class JobTable:
             started_at=process.sample.started_at,
             members=set(),
             threads=process.sample.threads,
+            cpuset=process.identity.cpuset,
         )
         self.jobs[job.id] = job
         self._join(job, job.id)
@@ -367,15 +369,20 @@ class JobTable:
             requested = min(asked, job.rule.cpus)
             if asked > job.rule.cpus:
                 notes = (f"asked for {asked} CPUs, rule {job.rule.name} allows {job.rule.cpus}",)
-        grant = allocate(
-            requested,
-            job.user,
-            self.eligible_cpus,
-            holdings,
-            limits.max_cpus if limits else None,
-            topology=self.topology,
-        )
-        job.cpus, job.notes = grant.cpus, notes + grant.notes
+        try:
+            grant = allocate(
+                requested,
+                job.user,
+                self.eligible_cpus,
+                holdings,
+                limits.max_cpus if limits else None,
+                topology=self.topology,
+                allowed=job.cpuset,
+            )
+            job.cpus, job.notes = grant.cpus, notes + grant.notes
+        except ValueError as err:  # its outer cpuset holds only CPUs reserved here
+            assert job.cpuset is not None
+            job.cpus, job.notes = job.cpuset, (*notes, f"{err}: left in its own cpuset")
         if job.registration is not None:
             job.settings = resolve(job.registration.declaration, len(job.cpus))
             job.notes += job.settings.oversubscribed()

@@ -474,7 +474,7 @@ def build(config: Path) -> Daemon:
         print(f"corecapd: CPU topology unreadable, allocating without it: {err}", file=sys.stderr)
         topology, online = None, online_cpus()
     check_fits_host(policy, online)
-    procfs = ProcFS()
+    procfs = ProcFS(own_cgroup=policy.daemon.cgroup)
     host = Host(procfs, online, cgroup=policy.daemon.cgroup)
     try:
         chosen, why = choose_backend(policy.daemon.backend, host)

@@ -37,6 +37,9 @@ class Identity:
     groups: frozenset[str]
     exe: str  # /proc/PID/exe target; "" when unreadable
     cmdline: tuple[str, ...]
+    # The CPUs its cpuset allows when that is an outer bound someone else set (Slurm,
+    # Kubernetes, a container): grants stay inside it. None: the whole host.
+    cpuset: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,15 @@ def online_cpus(sys_root: Path = Path("/sys")) -> frozenset[int]:
 
 
 class ProcFS:
-    def __init__(self, root: Path = Path("/proc")) -> None:
+    def __init__(
+        self,
+        root: Path = Path("/proc"),
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+        own_cgroup: str = "corecap",
+    ) -> None:
         self.root = root
+        self.cgroup_root = cgroup_root
+        self.own_cgroup = own_cgroup
         self._prefix = f"{root}/"  # plain strings: pathlib costs a third of a scan here
         self.clock_ticks = os.sysconf("SC_CLK_TCK")
         self.boot_time = self._boot_time()
@@ -118,12 +125,33 @@ class ProcFS:
             elif name == "Groups":
                 groups.update(int(g) for g in value.split())
         return Identity(
+            cpuset=self.cpuset_cpus(pid),
             uid=uid,
             user=_user_name(uid),
             groups=frozenset(_group_name(g) for g in groups | {gid}),
             exe=exe.removesuffix(" (deleted)"),
             cmdline=tuple(a.decode(errors="replace") for a in cmdline.split(b"\0") if a),
         )
+
+    def cpuset_cpus(self, pid: int) -> frozenset[int] | None:
+        """The CPUs of the process's cpuset when someone other than corecapd bounds it."""
+        with vanishing(pid), open(f"{self._prefix}{pid}/cpuset") as file:
+            path = file.read().strip()
+        if path == "/" or path.split("/")[1] == self.own_cgroup:
+            return None  # the whole host, or a fence of ours (a job's grant may change)
+        v1 = self.cgroup_root / "cpuset"
+        if (v1 / "cpuset.cpus").is_file():
+            where, name = v1 / path.lstrip("/"), "cpuset.effective_cpus"
+        else:
+            where, name = self.cgroup_root / path.lstrip("/"), "cpuset.cpus.effective"
+        for directory in (where, *where.parents):
+            if directory == self.cgroup_root.parent:
+                break
+            try:
+                return parse_cpulist((directory / name).read_text())
+            except FileNotFoundError:
+                continue  # no cpuset controller here (cgroup v2): the nearest ancestor's
+        return None
 
     def thread_names(self, pid: int) -> Counter[str]:
         """How many of the process's threads carry each name (comm)."""

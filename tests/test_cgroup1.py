@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -129,3 +129,52 @@ def test_a_restarted_daemon_removes_fences_whose_job_is_gone(
     (stale / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
     start_daemon(daemon={"backend": "cgroup1"})
     wait_for(lambda: not stale.exists(), what="the stale fence removed")
+
+
+@pytest.fixture
+def outer_cpuset(marker: str) -> Iterator[Path]:
+    """A cpuset standing for Slurm's or a container's, holding only the last CPU."""
+    outer = CPUSET / f"corecap-test-outer-{marker}"
+    outer.mkdir()
+    (outer / "cpuset.cpus").write_text(str(JOB_CPU))
+    (outer / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    yield outer
+    remove_cgroup(outer)
+
+
+def enter(cpuset: Path) -> Callable[[], None]:
+    """For preexec_fn: the child is born inside `cpuset`, before any scan can see it."""
+
+    def join() -> None:
+        (cpuset / "cgroup.procs").write_text(str(os.getpid()))
+
+    return join
+
+
+def test_grants_stay_inside_a_cpuset_someone_else_set(
+    start_daemon: StartDaemon, processes: Processes, outer_cpuset: Path
+) -> None:
+    daemon = start_daemon(daemon={"backend": "cgroup1", "exec_events": False})
+    job = processes.python(
+        "import sys; sys.stdin.read()", stdin=subprocess.PIPE, preexec_fn=enter(outer_cpuset)
+    )
+    granted = daemon.wait_job(job.pid)
+    # Free-first by id would pick CPU 0; its cpuset allows only the last CPU.
+    assert granted["cpus"] == [JOB_CPU]
+    assert cpuset_of(job.pid) == f"/{outer_cpuset.name}"  # never moved out of it
+    processes.end_all()
+
+
+def test_a_cpuset_of_reserved_cpus_only_keeps_the_job_in_it(
+    start_daemon: StartDaemon, processes: Processes, outer_cpuset: Path
+) -> None:
+    daemon = start_daemon(
+        daemon={"backend": "cgroup1", "exec_events": False, "reserved_cpus": str(JOB_CPU)}
+    )
+    job = processes.python(
+        "import sys; sys.stdin.read()", stdin=subprocess.PIPE, preexec_fn=enter(outer_cpuset)
+    )
+    granted = daemon.wait_job(job.pid)
+    assert granted["cpus"] == [JOB_CPU]
+    assert any("left in its own cpuset" in note for note in granted["notes"])
+    processes.end_all()
