@@ -109,3 +109,38 @@ def test_scanner_reads_libraries_only_when_asked() -> None:
 def test_online_cpus_matches_the_kernel() -> None:
     assert online_cpus() == frozenset(range(os.cpu_count() or 1)) or online_cpus()
     assert os.sched_getaffinity(0) <= online_cpus()
+
+
+@pytest.mark.parametrize(
+    ("version", "path", "expected"),
+    [
+        (1, "/", None),
+        (1, "/corecap/job-1-2", None),  # our own fence is no outer bound
+        (1, "/slurm/uid_1000/job_7", frozenset({2, 3})),
+        (2, "/", None),
+        (2, "/kubepods.slice/pod1/ctr", frozenset({4, 5})),  # the nearest cpuset ancestor
+    ],
+)
+def test_cpuset_bounds_from_synthetic_trees(
+    tmp_path: Path, version: int, path: str, expected: frozenset[int] | None
+) -> None:
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "42").mkdir(parents=True)
+    (proc / "42" / "cpuset").write_text(path + "\n")
+    (proc / "stat").write_text("btime 1\n")
+    if version == 1:
+        leaf = cgroups / "cpuset" / path.lstrip("/")
+        leaf.mkdir(parents=True, exist_ok=True)
+        (cgroups / "cpuset" / "cpuset.cpus").write_text("0-7\n")
+        (leaf / "cpuset.effective_cpus").write_text("2-3\n")
+    else:
+        leaf = cgroups / path.lstrip("/")
+        leaf.mkdir(parents=True, exist_ok=True)
+        (cgroups / "kubepods.slice").mkdir(exist_ok=True)
+        (cgroups / "kubepods.slice" / "cpuset.cpus.effective").write_text("4-5\n")
+    procfs = ProcFS(root=proc, cgroup_root=cgroups)
+    assert procfs.cpuset_cpus(42) == expected
+
+
+def test_cpuset_of_this_process_on_this_machine() -> None:
+    assert ProcFS().cpuset_cpus(os.getpid()) in (None, frozenset(os.sched_getaffinity(0)))
