@@ -217,8 +217,8 @@ def test_allocation_invariants_over_job_sequences(scenario: Scenario) -> None:
             assert len(mine) <= limit
 
 
-@settings(max_examples=200)
-@given(
+# (requested, eligible, holdings, cap) for a user "alice" among others
+arbitrary_allocations = given(
     st.integers(min_value=1, max_value=16),
     st.frozensets(st.integers(min_value=0, max_value=15), min_size=1),
     st.lists(
@@ -231,6 +231,10 @@ def test_allocation_invariants_over_job_sequences(scenario: Scenario) -> None:
     ),
     st.one_of(st.none(), st.integers(min_value=1, max_value=16)),
 )
+
+
+@settings(max_examples=200)
+@arbitrary_allocations
 def test_arbitrary_holdings_give_a_sane_grant(
     requested: int,
     eligible: frozenset[int],
@@ -505,19 +509,7 @@ def test_an_idle_smt_machine_grants_whole_cores(machine: Topology, cores: int) -
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    st.integers(min_value=1, max_value=16),
-    st.frozensets(st.integers(min_value=0, max_value=15), min_size=1),
-    st.lists(
-        st.builds(
-            Holding,
-            st.sampled_from(USERS),
-            st.frozensets(st.integers(min_value=0, max_value=15), max_size=6),
-        ),
-        max_size=6,
-    ),
-    st.one_of(st.none(), st.integers(min_value=1, max_value=16)),
-)
+@arbitrary_allocations
 def test_a_flat_topology_is_the_same_as_none(
     requested: int,
     eligible: frozenset[int],
