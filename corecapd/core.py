@@ -224,8 +224,17 @@ class JobTable:
             found = self._exe_verdicts[exe_name] = exe_may_match(self.policy.rules, exe_name)
         return found
 
-    def is_member(self, pid: int) -> bool:
-        return pid in self._member_pids
+    def exited(self, pid: int, now: float) -> list[Event]:
+        """A process-exit event: drop the process from its job, and end the job when it
+        was the last one, without waiting for (or paying for) a full scan."""
+        key = self._member_pids.get(pid)
+        if key is None:
+            return []
+        job = self.jobs[self._member_of[key]]
+        job.members.discard(key)
+        job.cpu_seconds.pop(key, None)
+        self._leave(key)
+        return [] if job.members else self._end(job, now, "exited", live_pids=())
 
     def _place_new(self, process: Observed, now: float) -> list[Event]:
         """A child of a job's process joins that job; anything else is classified."""

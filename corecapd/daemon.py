@@ -66,7 +66,6 @@ from corecapd.topology import Topology, TopologyError, read_topology
 
 # Policy keys that only a restart applies: the socket, the backend and the event source.
 RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority", "cgroup", "state_dir")
-MIN_SCAN_GAP = 0.1  # seconds: exits trigger scans, but not more often than this
 LATENCY_SAMPLES = 10_000
 
 
@@ -211,10 +210,7 @@ class Daemon:
         processes = self.scanner.scan(self.table.libraries_wanted)
         events = self.table.step(processes, now)
         if self.enforcing:
-            for ended in [event for event in events if isinstance(event, JobEnded)]:
-                self.affinity.release(ended.job, ended.live_pids)
-                if self.fences is not None:
-                    self.fences.release(ended.job, ended.live_pids)
+            self._release_ended(events, report=False)
             self._failed &= self.table.jobs.keys()
             for job in self.table.jobs.values():
                 events += self._enforce(job, sorted(key.pid for key in job.members))
@@ -223,11 +219,15 @@ class Daemon:
         self._save_state()
         self.reporter.notify(self._status_line())
 
-    def _scan_soon(self) -> None:
-        """A scan now, unless one ran within the last MIN_SCAN_GAP (exit storms)."""
-        soon = time.monotonic() + MIN_SCAN_GAP - self.policy.daemon.scan_interval
-        self._next_scan = min(self._next_scan, max(soon, time.monotonic()))
-        self._wake.set()
+    def _release_ended(self, events: list[Event], report: bool = True) -> None:
+        """Let go of what jobs that ended held; report the events unless the caller will."""
+        for event in events:
+            if isinstance(event, JobEnded) and self.enforcing:
+                self.affinity.release(event.job, event.live_pids)
+                if self.fences is not None:
+                    self.fences.release(event.job, event.live_pids)
+            if report:
+                self.reporter.emit(event)
 
     def _on_exec_events(self) -> None:
         assert isinstance(self.exec_events, ProcEventSocket)
@@ -241,8 +241,8 @@ class Daemon:
         for event in events:
             if event.exec:
                 self._admit(event)
-            elif self.table.is_member(event.pid):
-                self._scan_soon()  # release the cores promptly
+            else:
+                self._release_ended(self.table.exited(event.pid, time.time()))
 
     def _admit(self, event: ProcEvent) -> None:
         """The exec fast path: cheap reads, decide, confine; report only afterwards."""

@@ -927,11 +927,17 @@ def test_exe_prefilter_follows_the_rules_and_reloads() -> None:
     assert not World("").table.may_match_exe("python3")  # no rules: nothing can match
 
 
-def test_is_member_tracks_pids_of_jobs() -> None:
+def test_exit_events_end_a_job_with_its_last_process() -> None:
     world = World()
-    key = world.spawn(500)
+    parent = world.spawn(500)
     world.step(0)
-    assert world.table.is_member(500) and not world.table.is_member(501)
-    world.kill(key)
-    world.step(1)
-    assert not world.table.is_member(500)
+    child = world.spawn(501, ppid=500)
+    world.table.admit(world.procs[child], T0 + 0.1)
+    assert world.table.exited(999, T0 + 0.2) == []  # in no job
+    assert world.table.exited(501, T0 + 0.2) == []  # the job goes on
+    assert world.table.jobs[parent].members == {parent}
+    [ended] = world.table.exited(500, T0 + 0.3)
+    assert isinstance(ended, JobEnded) and ended.pid == 500 and ended.reason == "exited"
+    assert world.table.jobs == {} and world.table.job_of(500) is None
+    world.kill(parent, child)
+    assert world.step(1) == []  # the scan finds nothing left to end
