@@ -297,7 +297,12 @@ class Daemon:
         if self.fences is None or not self.enforcing:
             return
         current = {job.name for job in self.table.jobs.values()}
-        for job in self.fences.backend.adopt().keys() - current:
+        try:
+            left = self.fences.backend.adopt()
+        except EnforcementError as err:  # e.g. the system bus did not answer
+            self.reporter.emit(FenceFailed(job="(adopting fences)", error=str(err)))
+            return
+        for job in left.keys() - current:
             self.fences.release(job, ())
 
     def _backend_description(self) -> str:

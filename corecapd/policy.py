@@ -25,7 +25,7 @@ DEFAULT_SOCKET = "/run/corecap/corecap.sock"
 
 Mode = Literal["enforce", "monitor"]
 MODES: tuple[Mode, ...] = ("enforce", "monitor")
-BACKENDS = ("auto", "affinity", "cgroup1")
+BACKENDS = ("auto", "affinity", "cgroup1", "cgroup2", "systemd")
 
 
 class PolicyError(ValueError):

@@ -137,7 +137,7 @@ class ProcFS:
         """The CPUs of the process's cpuset when someone other than corecapd bounds it."""
         with vanishing(pid), open(f"{self._prefix}{pid}/cpuset") as file:
             path = file.read().strip()
-        if path == "/" or path.split("/")[1] == self.own_cgroup:
+        if path == "/" or self._ours(path):
             return None  # the whole host, or a fence of ours (a job's grant may change)
         v1 = self.cgroup_root / "cpuset"
         if (v1 / "cpuset.cpus").is_file():
@@ -152,6 +152,12 @@ class ProcFS:
             except FileNotFoundError:
                 continue  # no cpuset controller here (cgroup v2): the nearest ancestor's
         return None
+
+    def _ours(self, path: str) -> bool:
+        """A fence corecapd made: `<cgroup>/job-*` (cgroup v1, or v2 below a delegated
+        service cgroup) or `<cgroup>.slice/<cgroup>-*.scope` (systemd)."""
+        parts = path.strip("/").split("/")
+        return self.own_cgroup in parts or f"{self.own_cgroup}.slice" in parts
 
     def thread_names(self, pid: int) -> Counter[str]:
         """How many of the process's threads carry each name (comm)."""

@@ -185,9 +185,9 @@ BAD_POLICIES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ),
     (
         "daemon-backend",
-        '[daemon]\nbackend = "cgroup2"\n',
+        '[daemon]\nbackend = "cgroup3"\n',
         "daemon.backend",
-        ("'auto' or 'affinity'", "found 'cgroup2'"),
+        ("'auto' or 'affinity' or 'cgroup1' or 'cgroup2' or 'systemd'", "found 'cgroup3'"),
     ),
     (
         "daemon-scan-interval-low",
@@ -707,7 +707,7 @@ _STRINGS = st.one_of(_NAMES.filter(bool), st.lists(_PLAUSIBLE, max_size=3))
 _DAEMON = _table(
     {
         "mode": _field(st.sampled_from(["enforce", "monitor"]), "enforcing", "MONITOR"),
-        "backend": _field(st.sampled_from(["auto", "affinity"]), "cgroup2"),
+        "backend": _field(st.sampled_from(["auto", "affinity", "cgroup1"]), "cgroup3"),
         "scan_interval": _field(st.floats(min_value=0.05, max_value=3600), 0.0, 3601, -1),
         "reserved_cpus": _field(st.sampled_from(["", "0", "0,2-3"]), "0-", "x", "9999"),
         "socket": _field(st.just("/run/c.sock"), "c.sock", "", " "),

@@ -144,3 +144,18 @@ def test_cpuset_bounds_from_synthetic_trees(
 
 def test_cpuset_of_this_process_on_this_machine() -> None:
     assert ProcFS().cpuset_cpus(os.getpid()) in (None, frozenset(os.sched_getaffinity(0)))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/corecap/job-1-2",
+        "/system.slice/corecapd.service/corecap/job-1-2",
+        "/corecap.slice/corecap-1-2.scope",
+    ],
+)
+def test_our_own_fences_are_no_outer_bound(tmp_path: Path, path: str) -> None:
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "cpuset").write_text(path + "\n")
+    (tmp_path / "stat").write_text("btime 1\n")
+    assert ProcFS(root=tmp_path, cgroup_root=tmp_path / "none").cpuset_cpus(7) is None

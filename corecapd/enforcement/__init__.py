@@ -5,9 +5,16 @@ from __future__ import annotations
 from corecapd.enforcement.affinity import AffinityBackend
 from corecapd.enforcement.base import Backend, EnforcementError, Host
 from corecapd.enforcement.cgroup1 import Cgroup1Backend
+from corecapd.enforcement.cgroup2 import Cgroup2Backend
+from corecapd.enforcement.systemd import SystemdBackend
 
 # Fences first, best first; affinity works everywhere and always runs too (the fast path).
-BACKENDS: tuple[type[Backend], ...] = (Cgroup1Backend, AffinityBackend)
+BACKENDS: tuple[type[Backend], ...] = (
+    SystemdBackend,
+    Cgroup2Backend,
+    Cgroup1Backend,
+    AffinityBackend,
+)
 
 
 class NoBackend(Exception):
@@ -37,8 +44,10 @@ __all__ = [
     "AffinityBackend",
     "Backend",
     "Cgroup1Backend",
+    "Cgroup2Backend",
     "EnforcementError",
     "Host",
     "NoBackend",
+    "SystemdBackend",
     "choose_backend",
 ]

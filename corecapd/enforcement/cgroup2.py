@@ -1,0 +1,342 @@
+"""cgroup v2 cpuset in a subtree corecapd owns: a fence the job cannot widen.
+
+Which subtree is corecapd's: on a systemd host, the cgroup systemd delegated to its service
+(`Delegate=yes`, marked by systemd's `trusted.delegate` / `user.delegate` xattr); without
+systemd, `<cgroup2 mount>/<cgroup>` (the mount is `/sys/fs/cgroup`, or `.../unified` on a
+hybrid host, whose unified hierarchy usually has no cpuset controller). In a delegated cgroup
+corecapd first moves its own processes into a `supervisor` leaf, since a cgroup that hands
+controllers to children may hold no processes; then it enables `+cpuset` down its own path,
+and each job gets a leaf `<owned>/<cgroup>/job-<name>` whose `cpuset.cpus` is the grant. One
+write of a PID to `cgroup.procs` moves all its threads; children are born inside.
+
+Only that subtree is ever written. A process whose cgroup (other than the root and ours) has a
+narrower effective cpuset than the host stays where it is: Slurm, Kubernetes or a container
+bounds it, and its affinity still narrows within. A job that ends with processes left has its
+cgroup widened to all its parent's CPUs, and removed once empty.
+
+Under systemd the jobs live inside corecapd's service cgroup, so they share its fate: a stop
+or restart ends them (default KillMode=), and with KillMode=process the restart fails instead
+(systemd cannot put the new main process into a cgroup that has controllers enabled for its
+children: 219/CGROUP; systemd >= 254's DelegateSubgroup= is the way out). Measured in the VM
+tier. The systemd backend has neither problem, and `backend = "auto"` prefers it there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from corecapd.cpulist import format_cpulist, parse_cpulist
+from corecapd.enforcement.base import Backend, EnforcementError, Host
+from corecapd.procfs import ProcessGone, vanishing
+
+JOB_PREFIX = "job-"
+SUPERVISOR = "supervisor"  # the leaf of corecapd's own processes in a delegated cgroup
+DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")  # systemd >= 251 sets them
+EXIT_WAIT_STEP, EXIT_WAIT_STEPS = 0.01, 100  # up to a second for exiting tasks to leave
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where corecapd may write: `owned` (the root, or its delegated cgroup) and below."""
+
+    mount: Path  # the cgroup2 mount
+    owned: Path
+    delegated: bool  # `owned` is a systemd unit's cgroup: its processes move to SUPERVISOR
+    subtree: Path  # owned / <cgroup>: the job cgroups' parent
+
+    def cgroup(self, path: Path) -> str:
+        """The kernel's name of the cgroup at `path`, as in /proc/PID/cgroup."""
+        relative = path.relative_to(self.mount).as_posix()
+        return "/" if relative == "." else f"/{relative}"
+
+
+class Cgroup2Backend(Backend):
+    name = "cgroup2"
+
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        self._layout: Layout | str | None = None  # the layout, or why there is none
+        self._prepared = False
+        self._released: set[str] = set()  # widened job cgroups to remove once empty
+
+    def problem(self) -> str | None:
+        layout = self._find_layout()
+        return layout if isinstance(layout, str) else None
+
+    def describe(self) -> str:
+        layout = self._find_layout()
+        return f"cgroup2 ({layout.subtree})" if isinstance(layout, Layout) else "cgroup2"
+
+    def confine(self, job: str, pids: Sequence[int], cpus: frozenset[int]) -> int:
+        layout = self._ready()
+        self._sweep(layout)
+        fence = self._fence(layout, job, cpus)
+        inside, ours = layout.cgroup(fence), layout.cgroup(layout.subtree)
+        moved = 0
+        for pid in pids:
+            where = cgroup_of(self.host, pid)
+            if where is None or within(where, inside):
+                continue  # gone, or inside already
+            if where != "/" and not within(where, ours):
+                bound = effective_cpus(layout.mount, where)
+                if bound is not None and not self.host.online_cpus <= bound:
+                    continue  # someone else's cpuset: theirs to bound, ours only to narrow within
+            moved += _move(pid, fence)
+        return moved
+
+    def release(self, job: str, pids: Sequence[int]) -> None:
+        layout = self._find_layout()
+        if not isinstance(layout, Layout):
+            return
+        self._sweep(layout)
+        fence = layout.subtree / f"{JOB_PREFIX}{job}"
+        if not fence.is_dir() or _remove(fence) or _remove_once_exited(fence):
+            self._remove_subtree(layout)
+            return
+        try:  # processes are left: let them go now, remove the cgroup once they are gone
+            # (all the parent's CPUs: the kernel refuses an empty cpuset.cpus with tasks)
+            _write(fence / "cpuset.cpus", _read(layout.subtree / "cpuset.cpus.effective"))
+        except FileNotFoundError:
+            return  # removed meanwhile
+        except OSError as err:
+            raise EnforcementError(f"cannot widen {fence} for the processes left: {err}") from err
+        self._released.add(job)
+
+    def adopt(self) -> dict[str, frozenset[int]]:
+        layout = self._find_layout()
+        if not isinstance(layout, Layout) or not layout.subtree.is_dir():
+            return {}
+        return {
+            path.name.removeprefix(JOB_PREFIX): parse_cpulist(_read(path / "cpuset.cpus"))
+            for path in layout.subtree.iterdir()
+            if path.is_dir() and path.name.startswith(JOB_PREFIX)
+        }
+
+    def _find_layout(self) -> Layout | str:
+        if self._layout is None:
+            self._layout = find_layout(self.host)
+        return self._layout
+
+    def _ready(self) -> Layout:
+        """The layout, with `+cpuset` enabled down to our subtree (done once)."""
+        layout = self._find_layout()
+        if isinstance(layout, str):
+            raise EnforcementError(f"cgroup2 cannot work here: {layout}")
+        if self._prepared and layout.subtree.is_dir():
+            return layout
+        for attempt in range(3):
+            try:
+                if layout.delegated:
+                    _empty_into(layout.owned, layout.owned / SUPERVISOR)
+                _enable_cpuset(layout.owned)
+                layout.subtree.mkdir(exist_ok=True)
+                _enable_cpuset(layout.subtree)
+                break
+            except OSError as err:
+                if err.errno == errno.EBUSY and attempt < 2:
+                    continue  # a process of ours started in `owned` meanwhile: move it too
+                raise EnforcementError(
+                    f"cannot enable the cpuset controller down to {layout.subtree}: {err}"
+                ) from err
+        self._prepared = True
+        return layout
+
+    def _fence(self, layout: Layout, job: str, cpus: frozenset[int]) -> Path:
+        """The job's cgroup with `cpus`, made when missing; checked against the kernel."""
+        fence = layout.subtree / f"{JOB_PREFIX}{job}"
+        wanted = format_cpulist(cpus)
+        try:
+            fence.mkdir(exist_ok=True)
+            if parse_cpulist(_read(fence / "cpuset.cpus")) != cpus:
+                _write(fence / "cpuset.cpus", wanted)
+            effective = fence / "cpuset.cpus.effective"
+            granted = parse_cpulist(_read(effective)) if effective.is_file() else cpus
+        except OSError as err:
+            raise EnforcementError(f"cannot make {fence} with CPUs {wanted}: {err}") from err
+        if granted != cpus:  # the kernel falls back to the parent's CPUs: never a fence
+            parent = effective_cpus(layout.mount, layout.cgroup(layout.subtree)) or ()
+            raise EnforcementError(
+                f"{fence} has effective CPUs {format_cpulist(granted)}, not {wanted}:"
+                f" outside its parent's ({format_cpulist(parent)})"
+            )
+        self._released.discard(job)
+        return fence
+
+    def _sweep(self, layout: Layout) -> None:
+        """Remove the widened job cgroups whose last process has gone."""
+        for job in list(self._released):
+            if _remove(layout.subtree / f"{JOB_PREFIX}{job}"):
+                self._released.discard(job)
+
+    def _remove_subtree(self, layout: Layout) -> None:
+        """The last job took the subtree with it: leave nothing behind."""
+        with contextlib.suppress(OSError):  # EBUSY: a job started meanwhile
+            if not any(path.is_dir() for path in layout.subtree.iterdir()):
+                layout.subtree.rmdir()
+                self._prepared = False
+
+
+def find_layout(host: Host) -> Layout | str:
+    """Where corecapd's cgroup v2 subtree is on this host, or why it has none."""
+    mount = unified_mount(host.cgroup_root)
+    if mount is None:
+        return f"no cgroup v2 hierarchy at {host.cgroup_root} or {host.cgroup_root / 'unified'}"
+    try:
+        own = _cgroup_in((host.procfs.root / "self" / "cgroup").read_text())
+    except OSError as err:
+        return f"cannot read corecapd's own cgroup: {err}"
+    if pid1_is_systemd(host):
+        if own is None or own == "/":
+            return "systemd is PID 1 but corecapd runs in the root cgroup: no delegated cgroup"
+        owned = mount / own.lstrip("/")
+        if not delegated(owned):
+            return (
+                f"corecapd's cgroup {own} is not delegated to it"
+                " (run it as a systemd service with Delegate=yes)"
+            )
+    else:
+        owned = mount
+    try:
+        controllers = _read(owned / "cgroup.controllers").split()
+    except OSError as err:
+        return f"cannot read the controllers of {owned}: {err.strerror}"
+    if "cpuset" not in controllers:
+        hybrid = mount != host.cgroup_root
+        return f"no cpuset controller in the cgroup v2 hierarchy at {owned}" + (
+            " (a hybrid host: cpuset belongs to cgroup v1 here)" if hybrid else ""
+        )
+    for name in ("cgroup.subtree_control", "cgroup.procs"):
+        if not os.access(owned / name, os.W_OK):
+            return (
+                f"cannot write {owned / name}: read-only (under systemd, ProtectKernelTunables="
+                f" and ProtectControlGroups= make it so; ReadWritePaths={owned} undoes that)"
+            )
+    return Layout(mount, owned, owned != mount, owned / host.cgroup)
+
+
+def unified_mount(cgroup_root: Path) -> Path | None:
+    """The cgroup2 mount: `cgroup_root` itself (pure v2), or `unified` below it (hybrid)."""
+    for mount in (cgroup_root, cgroup_root / "unified"):
+        if (mount / "cgroup.controllers").is_file():
+            return mount
+    return None
+
+
+def pid1_is_systemd(host: Host) -> bool:
+    try:
+        return (host.procfs.root / "1" / "comm").read_text().strip() == "systemd"
+    except OSError:
+        return False
+
+
+def delegated(cgroup: Path) -> bool:
+    """systemd marks the cgroup of a unit with Delegate=yes (trusted.* needs CAP_SYS_ADMIN)."""
+    for name in DELEGATE_XATTRS:
+        with contextlib.suppress(OSError):
+            if os.getxattr(cgroup, name) == b"1":
+                return True
+    return False
+
+
+def cgroup_of(host: Host, pid: int) -> str | None:
+    """The process's cgroup v2 path ("0::" in /proc/PID/cgroup), or None when it is gone."""
+    try:
+        with vanishing(pid):
+            return _cgroup_in((host.procfs.root / str(pid) / "cgroup").read_text())
+    except ProcessGone:
+        return None
+
+
+def _cgroup_in(text: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def within(cgroup: str, ancestor: str) -> bool:
+    return cgroup == ancestor or cgroup.startswith(ancestor.rstrip("/") + "/")
+
+
+def effective_cpus(mount: Path, cgroup: str) -> frozenset[int] | None:
+    """The CPUs that bound a cgroup: its nearest ancestor-or-self with the cpuset controller."""
+    where = mount / cgroup.lstrip("/")
+    for directory in (where, *where.parents):
+        try:
+            return parse_cpulist(_read(directory / "cpuset.cpus.effective"))
+        except FileNotFoundError:
+            if directory == mount:
+                break
+    return None
+
+
+def _enable_cpuset(cgroup: Path) -> None:
+    if "cpuset" not in _read(cgroup / "cgroup.subtree_control").split():
+        _write(cgroup / "cgroup.subtree_control", "+cpuset")
+
+
+def _empty_into(cgroup: Path, leaf: Path) -> None:
+    """Move every process of `cgroup` into `leaf` ("no internal processes")."""
+    procs = _procs(cgroup)
+    if procs:
+        leaf.mkdir(exist_ok=True)
+    for pid in procs:
+        _move(pid, leaf)
+
+
+def _move(pid: int, cgroup: Path) -> int:
+    try:
+        _write(cgroup / "cgroup.procs", str(pid))
+    except ProcessLookupError:
+        return 0  # exited meanwhile
+    except OSError as err:
+        if err.errno == errno.ESRCH:
+            return 0
+        raise EnforcementError(f"cannot move PID {pid} into {cgroup}: {err.strerror}") from err
+    return 1
+
+
+def _remove(cgroup: Path) -> bool:
+    """rmdir a job cgroup; False while processes are left in it."""
+    try:
+        cgroup.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError as err:
+        if err.errno in (errno.EBUSY, errno.ENOTEMPTY):
+            return False
+        raise EnforcementError(f"cannot remove {cgroup}: {err.strerror}") from err
+    return True
+
+
+def _remove_once_exited(cgroup: Path) -> bool:
+    """rmdir a cgroup whose last tasks are still exiting (not in cgroup.procs any more, but
+    the cgroup stays populated for a moment): a short wait on the fence worker."""
+    for _ in range(EXIT_WAIT_STEPS):
+        if _procs(cgroup):
+            return False  # live processes: not a matter of waiting
+        time.sleep(EXIT_WAIT_STEP)
+        if _remove(cgroup):
+            return True
+    return False
+
+
+def _procs(cgroup: Path) -> list[int]:
+    with contextlib.suppress(FileNotFoundError):
+        return [int(line) for line in _read(cgroup / "cgroup.procs").split()]
+    return []
+
+
+def _read(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as file:
+        file.write(value)
