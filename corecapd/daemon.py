@@ -129,6 +129,7 @@ class Daemon:
         scanner: Scanner,
         affinity: AffinityBackend,
         fence: Backend | None,
+        backend_reason: str,
         table: JobTable,
         reporter: Reporter,
         exec_events: ProcEventSocket | str,
@@ -138,6 +139,7 @@ class Daemon:
         self.scanner = scanner
         # Affinity first (the fast path: pools size themselves from the mask), then a fence.
         self.affinity = affinity
+        self.backend_reason = backend_reason  # why this fence: configured, or auto's reasons
         self.fences = FenceWorker(fence, self._fence_failed) if fence is not None else None
         self._fence_errors: set[tuple[str, str]] = set()
         self._saved: list[tuple[str, Registration]] = []
@@ -168,6 +170,7 @@ class Daemon:
                 policy=self.policy.source,
                 mode=self.policy.daemon.mode,
                 backend=self._backend_description(),
+                backend_reason=self.backend_reason,
                 eligible_cpus=self.table.eligible_cpus,
             )
         )
@@ -455,6 +458,7 @@ class Daemon:
         else:
             source = "netlink" + (", exec and exit only" if self.exec_events.filtered else "")
         return {
+            "backend_reason": self.backend_reason,
             "exec_events": source,
             "exec_events_lost": self.events_lost,
             # exec event (kernel timestamp) -> all the process's threads confined
@@ -492,7 +496,6 @@ def build(config: Path) -> Daemon:
         chosen, why = choose_backend(policy.daemon.backend, host)
     except NoBackend as err:
         raise StartupError(str(err)) from None
-    print(f"corecapd: enforcement by {chosen.describe()} ({why})", file=sys.stderr)
     if policy.daemon.realtime_priority:
         _run_realtime(policy.daemon.realtime_priority)
     table = JobTable(
@@ -504,6 +507,7 @@ def build(config: Path) -> Daemon:
         Scanner(procfs),
         AffinityBackend(host),
         None if isinstance(chosen, AffinityBackend) else chosen,
+        why,
         table,
         Reporter(under_journal()),
         _subscribe(policy),

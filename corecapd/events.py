@@ -36,12 +36,13 @@ class DaemonStarted(Event):
     policy: str
     mode: str
     backend: str
+    backend_reason: str
     eligible_cpus: frozenset[int]
 
     def message(self) -> str:
         return (
-            f"corecapd started: policy {self.policy}, mode {self.mode}, backend {self.backend},"
-            f" job CPUs {format_cpulist(self.eligible_cpus)}"
+            f"corecapd started: policy {self.policy}, mode {self.mode}, backend {self.backend}"
+            f" ({self.backend_reason}), job CPUs {format_cpulist(self.eligible_cpus)}"
         )
 
     def fields(self) -> dict[str, str]:
@@ -49,6 +50,7 @@ class DaemonStarted(Event):
             "CORECAP_POLICY": self.policy,
             "CORECAP_MODE": self.mode,
             "CORECAP_BACKEND": self.backend,
+            "CORECAP_BACKEND_REASON": self.backend_reason,
             "CORECAP_CPUS": format_cpulist(self.eligible_cpus),
         }
 

@@ -104,7 +104,10 @@ def test_daemon_fences_jobs_and_cleans_up_after_them(
     start_daemon: StartDaemon, processes: Processes, marker: str
 ) -> None:
     daemon = start_daemon(daemon={"reserved_cpus": str(CPUS[0]), "backend": "cgroup1"})
-    assert daemon.status()["host"]["backend"].startswith("affinity + cgroup1")
+    host = daemon.status()["host"]
+    assert (
+        host["backend"].startswith("affinity + cgroup1") and host["backend_reason"] == "configured"
+    )
     job = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
     daemon.wait_job(job.pid)
     subtree = f"corecap-test-{marker}"
