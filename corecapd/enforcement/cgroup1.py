@@ -9,12 +9,12 @@ widened and cgroups corecapd does not own are never written.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 from collections.abc import Sequence
 from pathlib import Path
 
 from corecapd.cpulist import format_cpulist, parse_cpulist
+from corecapd.enforcement import cgroupfs
 from corecapd.enforcement.base import Backend, EnforcementError
 from corecapd.procfs import ProcessGone, vanishing
 
@@ -49,15 +49,15 @@ class Cgroup1Backend(Backend):
                 continue  # gone, or inside already
             if where != "/":
                 continue  # someone else's cpuset: theirs to bound, ours only to narrow within
-            moved += self._move(pid, fence)
+            moved += cgroupfs.move(pid, fence)
         return moved
 
     def release(self, job: str, pids: Sequence[int]) -> None:
         fence = self.subtree / f"{JOB_PREFIX}{job}"
         if not fence.is_dir():
             return
-        for pid in _procs(fence):  # whatever is still inside goes back where it came from
-            self._move(pid, self.mount)
+        for pid in cgroupfs.procs(fence):  # whatever is still inside goes back where it came from
+            cgroupfs.move(pid, self.mount)
         try:
             fence.rmdir()
             if not any(path.is_dir() for path in self.subtree.iterdir()):
@@ -70,7 +70,7 @@ class Cgroup1Backend(Backend):
         if not self.subtree.is_dir():
             return {}
         return {
-            path.name.removeprefix(JOB_PREFIX): parse_cpulist(_read(path / "cpuset.cpus"))
+            path.name.removeprefix(JOB_PREFIX): parse_cpulist(cgroupfs.read(path / "cpuset.cpus"))
             for path in self.subtree.iterdir()
             if path.is_dir() and path.name.startswith(JOB_PREFIX)
         }
@@ -81,14 +81,20 @@ class Cgroup1Backend(Backend):
         try:
             if not self.subtree.is_dir():
                 self.subtree.mkdir()
-                _write(self.subtree / "cpuset.cpus", _read(self.mount / "cpuset.effective_cpus"))
-                _write(self.subtree / "cpuset.mems", _read(self.mount / "cpuset.effective_mems"))
+                cgroupfs.write(
+                    self.subtree / "cpuset.cpus",
+                    cgroupfs.read(self.mount / "cpuset.effective_cpus"),
+                )
+                cgroupfs.write(
+                    self.subtree / "cpuset.mems",
+                    cgroupfs.read(self.mount / "cpuset.effective_mems"),
+                )
             fence = self.subtree / f"{JOB_PREFIX}{job}"
             if not fence.is_dir():
                 fence.mkdir()
-                _write(fence / "cpuset.mems", _read(self.subtree / "cpuset.mems"))
-            if parse_cpulist(_read(fence / "cpuset.cpus")) != cpus:
-                _write(fence / "cpuset.cpus", wanted)
+                cgroupfs.write(fence / "cpuset.mems", cgroupfs.read(self.subtree / "cpuset.mems"))
+            if parse_cpulist(cgroupfs.read(fence / "cpuset.cpus")) != cpus:
+                cgroupfs.write(fence / "cpuset.cpus", wanted)
         except OSError as err:
             raise EnforcementError(
                 f"cannot make cpuset {self.subtree}/{JOB_PREFIX}{job} with CPUs {wanted}:"
@@ -102,29 +108,3 @@ class Cgroup1Backend(Backend):
                 return (self.host.procfs.root / str(pid) / "cpuset").read_text().strip()
         except ProcessGone:
             return None
-
-    def _move(self, pid: int, cgroup: Path) -> int:
-        try:
-            _write(cgroup / "cgroup.procs", str(pid))
-        except ProcessLookupError:
-            return 0  # exited meanwhile
-        except OSError as err:
-            if err.errno == errno.ESRCH:
-                return 0
-            raise EnforcementError(f"cannot move PID {pid} into {cgroup}: {err.strerror}") from err
-        return 1
-
-
-def _procs(cgroup: Path) -> list[int]:
-    with contextlib.suppress(FileNotFoundError):
-        return [int(line) for line in _read(cgroup / "cgroup.procs").split()]
-    return []
-
-
-def _read(path: Path) -> str:
-    return path.read_text().strip()
-
-
-def _write(path: Path, value: str) -> None:
-    with open(path, "w") as file:
-        file.write(value)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corecapd.cpulist import format_cpulist, parse_cpulist
+from corecapd.enforcement import cgroupfs
 from corecapd.enforcement.base import Backend, EnforcementError, Host
 from corecapd.procfs import ProcessGone, vanishing
 
@@ -87,7 +88,7 @@ class Cgroup2Backend(Backend):
                 bound = effective_cpus(layout.mount, where)
                 if bound is not None and not self.host.online_cpus <= bound:
                     continue  # someone else's cpuset: theirs to bound, ours only to narrow within
-            moved += _move(pid, fence)
+            moved += cgroupfs.move(pid, fence)
         return moved
 
     def release(self, job: str, pids: Sequence[int]) -> None:
@@ -101,7 +102,9 @@ class Cgroup2Backend(Backend):
             return
         try:  # processes are left: let them go now, remove the cgroup once they are gone
             # (all the parent's CPUs: the kernel refuses an empty cpuset.cpus with tasks)
-            _write(fence / "cpuset.cpus", _read(layout.subtree / "cpuset.cpus.effective"))
+            cgroupfs.write(
+                fence / "cpuset.cpus", cgroupfs.read(layout.subtree / "cpuset.cpus.effective")
+            )
         except FileNotFoundError:
             return  # removed meanwhile
         except OSError as err:
@@ -113,7 +116,7 @@ class Cgroup2Backend(Backend):
         if not isinstance(layout, Layout) or not layout.subtree.is_dir():
             return {}
         return {
-            path.name.removeprefix(JOB_PREFIX): parse_cpulist(_read(path / "cpuset.cpus"))
+            path.name.removeprefix(JOB_PREFIX): parse_cpulist(cgroupfs.read(path / "cpuset.cpus"))
             for path in layout.subtree.iterdir()
             if path.is_dir() and path.name.startswith(JOB_PREFIX)
         }
@@ -153,10 +156,10 @@ class Cgroup2Backend(Backend):
         wanted = format_cpulist(cpus)
         try:
             fence.mkdir(exist_ok=True)
-            if parse_cpulist(_read(fence / "cpuset.cpus")) != cpus:
-                _write(fence / "cpuset.cpus", wanted)
+            if parse_cpulist(cgroupfs.read(fence / "cpuset.cpus")) != cpus:
+                cgroupfs.write(fence / "cpuset.cpus", wanted)
             effective = fence / "cpuset.cpus.effective"
-            granted = parse_cpulist(_read(effective)) if effective.is_file() else cpus
+            granted = parse_cpulist(cgroupfs.read(effective)) if effective.is_file() else cpus
         except OSError as err:
             raise EnforcementError(f"cannot make {fence} with CPUs {wanted}: {err}") from err
         if granted != cpus:  # the kernel falls back to the parent's CPUs: never a fence
@@ -203,7 +206,7 @@ def find_layout(host: Host) -> Layout | str:
     else:
         owned = mount
     try:
-        controllers = _read(owned / "cgroup.controllers").split()
+        controllers = cgroupfs.read(owned / "cgroup.controllers").split()
     except OSError as err:
         return f"cannot read the controllers of {owned}: {err.strerror}"
     if "cpuset" not in controllers:
@@ -269,7 +272,7 @@ def effective_cpus(mount: Path, cgroup: str) -> frozenset[int] | None:
     where = mount / cgroup.lstrip("/")
     for directory in (where, *where.parents):
         try:
-            return parse_cpulist(_read(directory / "cpuset.cpus.effective"))
+            return parse_cpulist(cgroupfs.read(directory / "cpuset.cpus.effective"))
         except FileNotFoundError:
             if directory == mount:
                 break
@@ -277,29 +280,17 @@ def effective_cpus(mount: Path, cgroup: str) -> frozenset[int] | None:
 
 
 def _enable_cpuset(cgroup: Path) -> None:
-    if "cpuset" not in _read(cgroup / "cgroup.subtree_control").split():
-        _write(cgroup / "cgroup.subtree_control", "+cpuset")
+    if "cpuset" not in cgroupfs.read(cgroup / "cgroup.subtree_control").split():
+        cgroupfs.write(cgroup / "cgroup.subtree_control", "+cpuset")
 
 
 def _empty_into(cgroup: Path, leaf: Path) -> None:
     """Move every process of `cgroup` into `leaf` ("no internal processes")."""
-    procs = _procs(cgroup)
+    procs = cgroupfs.procs(cgroup)
     if procs:
         leaf.mkdir(exist_ok=True)
     for pid in procs:
-        _move(pid, leaf)
-
-
-def _move(pid: int, cgroup: Path) -> int:
-    try:
-        _write(cgroup / "cgroup.procs", str(pid))
-    except ProcessLookupError:
-        return 0  # exited meanwhile
-    except OSError as err:
-        if err.errno == errno.ESRCH:
-            return 0
-        raise EnforcementError(f"cannot move PID {pid} into {cgroup}: {err.strerror}") from err
-    return 1
+        cgroupfs.move(pid, leaf)
 
 
 def _remove(cgroup: Path) -> bool:
@@ -319,24 +310,9 @@ def _remove_once_exited(cgroup: Path) -> bool:
     """rmdir a cgroup whose last tasks are still exiting (not in cgroup.procs any more, but
     the cgroup stays populated for a moment): a short wait on the fence worker."""
     for _ in range(EXIT_WAIT_STEPS):
-        if _procs(cgroup):
+        if cgroupfs.procs(cgroup):
             return False  # live processes: not a matter of waiting
         time.sleep(EXIT_WAIT_STEP)
         if _remove(cgroup):
             return True
     return False
-
-
-def _procs(cgroup: Path) -> list[int]:
-    with contextlib.suppress(FileNotFoundError):
-        return [int(line) for line in _read(cgroup / "cgroup.procs").split()]
-    return []
-
-
-def _read(path: Path) -> str:
-    return path.read_text().strip()
-
-
-def _write(path: Path, value: str) -> None:
-    with open(path, "w") as file:
-        file.write(value)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from guestkit import GUEST_ONLY, sh, wait_for
 
 T = TypeVar("T")
 
@@ -43,30 +44,7 @@ MARKER = f"CORECAP_VM_BACKENDS_{RUN}"
 ONLINE = frozenset(os.sched_getaffinity(0))
 TWO_CPUS = len(ONLINE) >= 2
 
-pytestmark = pytest.mark.skipif(
-    not Path("/etc/corecap-vm-guest").exists() or os.geteuid() != 0,
-    reason="guest side of the VM tier: runs as root inside the tests/vm/vm.sh guest only",
-)
-
-
-def sh(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(argv)} -> {result.returncode}\n{result.stdout}{result.stderr}"
-        )
-    return result
-
-
-def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 30) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+pytestmark = GUEST_ONLY
 
 
 def show(unit: str, prop: str) -> str:
@@ -438,7 +416,8 @@ def test_corecapd_service_fences_a_marked_job(made: Made, say: Say, service: Ser
         assert host["backend"] == f"affinity + {service.describe}", host
         log = sh("journalctl", "--no-pager", f"--since=@{since:.3f}", "-u", SERVICE).stdout
         why = "auto: systemd works here" if service.backend == "auto" else "configured"
-        assert f"enforcement by {service.describe} ({why})" in log
+        assert f"backend affinity + {service.describe} ({why})" in log  # daemon-started
+        assert host["backend_reason"] == why
 
         timings = [fence_one_job(made, service) for _ in range(3)]
         assert show(SERVICE, "ActiveState") == "active"

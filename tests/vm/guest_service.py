@@ -15,12 +15,13 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from guestkit import GUEST_ONLY, sh, wait_for
 
 from corecapd.events import JobStarted, PolicyRejected, PolicyReloaded
 
@@ -40,30 +41,7 @@ MARKER = f"CORECAP_VM_{uuid.uuid4().hex[:12]}"
 # [Service] keys that run the daemon rather than restrict it; every other line is hardening
 OPERATIONAL = ("Type", "NotifyAccess", "WatchdogSec", "Restart", "RestartSec", "Environment")
 
-pytestmark = pytest.mark.skipif(
-    not Path("/etc/corecap-vm-guest").exists() or os.geteuid() != 0,
-    reason="guest side of the VM tier: runs as root inside the tests/vm/vm.sh guest only",
-)
-
-
-def sh(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(argv)} -> {result.returncode}\n{result.stdout}{result.stderr}"
-        )
-    return result
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
+pytestmark = GUEST_ONLY
 
 
 def show(prop: str, unit: str = UNIT) -> str:
@@ -199,11 +177,10 @@ def confines(state: Guest, unit: str) -> str | None:
     try:
         job = wait_for(
             lambda: next((j for j in ctl_status()["jobs"] if j["pid"] == child.pid), None),
-            30,
             f"the marked child {child.pid} in corecapctl status",
         )
         state.granted = frozenset(job["cpus"])
-        wait_for(lambda: thread_masks(child.pid) == {state.granted}, 30, "its affinity")
+        wait_for(lambda: thread_masks(child.pid) == {state.granted}, "its affinity")
     except AssertionError as err:
         return f"{err}\n{unit_log(unit, since)}"
     return None
@@ -288,7 +265,6 @@ def test_journal_has_structured_job_started(guest: Guest) -> None:
     pid = str(guest.child.pid)
     entries = wait_for(
         lambda: journal(f"MESSAGE_ID={JobStarted.message_id}", f"CORECAP_PID={pid}"),
-        30,
         "the job-started entry",
     )
     entry = entries[0]
@@ -308,7 +284,7 @@ def test_reload_rejects_a_broken_policy_and_stays_active(guest: Guest) -> None:
     try:
         POLICY.write_text(policy(broken=True))
         sh("systemctl", "reload", UNIT)
-        entry = wait_for(lambda: journal(*rejected)[before:], 30, "policy-rejected")[0]
+        entry = wait_for(lambda: journal(*rejected)[before:], "policy-rejected")[0]
     finally:
         POLICY.write_text(policy())
     assert entry["CORECAP_EVENT"] == "policy-rejected"
@@ -319,7 +295,7 @@ def test_reload_rejects_a_broken_policy_and_stays_active(guest: Guest) -> None:
     assert thread_masks(guest.child.pid) == {guest.granted}  # the policy in force stays
     before = len(journal(*reloaded))
     sh("systemctl", "reload", UNIT)
-    wait_for(lambda: journal(*reloaded)[before:], 30, "policy-reloaded after the fix")
+    wait_for(lambda: journal(*reloaded)[before:], "policy-reloaded after the fix")
     assert show("ActiveState") == "active"
 
 
