@@ -44,6 +44,7 @@ from corecapd.events import (
     ExecEventsUnavailable,
     FenceFailed,
     JobEnded,
+    JobEscaped,
     PolicyRejected,
     PolicyReloaded,
     StateProblem,
@@ -224,6 +225,7 @@ class Daemon:
             self._failed &= self.table.jobs.keys()
             for job in self.table.jobs.values():
                 events += self._enforce(job, sorted(key.pid for key in job.members))
+            events += self._escapes()
         for event in self._explained(events):
             self.reporter.emit(event)
         self._save_state()
@@ -272,6 +274,15 @@ class Daemon:
                 self.fences.confine(job.name, (event.pid,), job.cpus)  # the fence follows
         for reported in events:
             self.reporter.emit(reported)
+
+    def _escapes(self) -> list[Event]:
+        """Jobs that widened their own masks since the last scan (set back already)."""
+        by_name = {job.name: job for job in self.table.jobs.values()}
+        return [
+            JobEscaped(**job_facts(by_name[name]), escaped_threads=count)
+            for name, count in self.affinity.take_escapes().items()
+            if name in by_name
+        ]
 
     def _enforce(self, job: Job, pids: list[int]) -> list[Event]:
         """Affinity now, then the fence (on its worker)."""

@@ -261,3 +261,20 @@ class StateProblem(Event):
 
     def fields(self) -> dict[str, str]:
         return {"CORECAP_ERROR": self.error}
+
+
+@dataclass(frozen=True)
+class JobEscaped(JobEvent):
+    kind = "escape"
+    message_id = "6ed2e5f26974413496036b1fda76d558"
+    priority = WARNING
+    escaped_threads: int
+
+    def message(self) -> str:
+        return (
+            f"PID {self.pid} (rule {self.rule}) changed the CPU mask of"
+            f" {self.escaped_threads} of its threads; set back to {format_cpulist(self.cpus)}"
+        )
+
+    def fields(self) -> dict[str, str]:
+        return super().fields() | {"CORECAP_ESCAPED_THREADS": str(self.escaped_threads)}

@@ -360,3 +360,31 @@ def test_second_daemon_on_the_same_socket_refuses_and_the_first_keeps_serving(
     assert second.process.wait(timeout=20) != 0
     assert "another corecapd is already listening" in second.log()
     assert first.call("ping")["pid"] == first.process.pid
+
+
+def test_a_job_that_widens_its_own_mask_is_set_back_and_logged(
+    start_daemon: StartDaemon, processes: Processes
+) -> None:
+    daemon = start_daemon(
+        daemon={"reserved_cpus": str(min(ALL_CPUS)), "backend": "affinity", "scan_interval": 0.1}
+    )
+    job = processes.python(
+        f"""
+        import os, sys, threading
+        done = threading.Event()
+        threading.Thread(target=done.wait).start()
+        sys.stdin.readline()  # confined by now; then it undoes it for itself
+        os.sched_setaffinity(0, {set(ALL_CPUS)!r})
+        sys.stdin.readline()
+        done.set()
+        """,
+        stdin=subprocess.PIPE,
+    )
+    assert job.stdin is not None
+    wait_for(lambda: confined(job.pid, {LAST_CPU}), what="confined")
+    job.stdin.write(b"widen\n")
+    job.stdin.flush()
+    escape = daemon.wait_event("escape", pid=str(job.pid))
+    assert escape["escaped_threads"] == "1" and escape["cpus"] == str(LAST_CPU)
+    assert wait_for(lambda: confined(job.pid, {LAST_CPU}), what="set back")
+    assert len(daemon.events("escape", pid=str(job.pid))) == 1

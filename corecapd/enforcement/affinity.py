@@ -12,11 +12,12 @@ import os
 from collections.abc import Sequence
 
 from corecapd.cpulist import format_cpulist
-from corecapd.enforcement.base import Backend, EnforcementError
+from corecapd.enforcement.base import Backend, EnforcementError, Host
 from corecapd.procfs import ProcessGone, vanishing
 
 # A job that spawns threads faster than we can set them still converges next scan.
 MAX_PASSES = 8
+MAX_KNOWN_TIDS = 100_000  # per job, before the record of confined threads starts afresh
 
 
 class AffinityBackend(Backend):
@@ -25,16 +26,40 @@ class AffinityBackend(Backend):
     def problem(self) -> str | None:
         return None if hasattr(os, "sched_setaffinity") else "no sched_setaffinity on this OS"
 
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        # job -> (its CPUs, the TIDs set to them): a known thread found with another mask
+        # was changed by the job itself, an "escape" (a new thread inherits its creator's).
+        self._confined: dict[str, tuple[frozenset[int], set[int]]] = {}
+        self._escapes: dict[str, int] = {}
+
     def confine(self, job: str, pids: Sequence[int], cpus: frozenset[int]) -> int:
-        return sum(self._set_all_threads(pid, cpus) for pid in pids)
+        granted, known = self._confined.get(job, (cpus, set()))
+        if granted != cpus:
+            known = set()  # a new grant: the changes now are ours
+        seen: set[int] = set()
+        changed = [tid for pid in pids for tid in self._set_all_threads(pid, cpus, seen)]
+        escaped = sum(1 for tid in changed if tid in known)
+        if escaped:
+            self._escapes[job] = self._escapes.get(job, 0) + escaped
+        self._confined[job] = (cpus, seen if len(known) > MAX_KNOWN_TIDS else known | seen)
+        return len(changed)
+
+    def take_escapes(self) -> dict[str, int]:
+        """Threads each job moved out of its mask since the last call (set back already)."""
+        escapes, self._escapes = self._escapes, {}
+        return escapes
 
     def release(self, job: str, pids: Sequence[int]) -> None:
+        self._confined.pop(job, None)
+        self._escapes.pop(job, None)
         # The kernel narrows a mask to the thread's cpuset, so "all online" means "as before".
         for pid in pids:
-            self._set_all_threads(pid, self.host.online_cpus)
+            self._set_all_threads(pid, self.host.online_cpus, set())
 
-    def _set_all_threads(self, pid: int, cpus: frozenset[int]) -> int:
-        changed = 0
+    def _set_all_threads(self, pid: int, cpus: frozenset[int], seen: set[int]) -> list[int]:
+        """Set every thread of `pid`; the TIDs that had another mask. Adds all to `seen`."""
+        changed: list[int] = []
         done: set[int] = set()
         try:
             for _ in range(MAX_PASSES):
@@ -42,10 +67,12 @@ class AffinityBackend(Backend):
                 if not fresh:
                     break
                 for tid in fresh:
-                    changed += self._set_thread(pid, tid, cpus)
+                    if self._set_thread(pid, tid, cpus):
+                        changed.append(tid)
                     done.add(tid)
         except ProcessGone:
             pass
+        seen |= done
         return changed
 
     def _set_thread(self, pid: int, tid: int, cpus: frozenset[int]) -> int:
