@@ -259,9 +259,10 @@ class Daemon:
     def _admit(self, event: ProcEvent) -> None:
         """The exec fast path: cheap reads, decide, confine; report only afterwards."""
         try:
-            if not self.table.may_match_exe(self.scanner.procfs.exe_name(event.pid)):
+            exe = self.scanner.procfs.exe(event.pid)
+            if not self.table.may_match_exe(os.path.basename(exe)):
                 return  # unrelated (children of jobs inherit their mask; scans enrol them)
-            process = self.scanner.observe(event.pid, verify=False)
+            process = self.scanner.observe(event.pid, verify=False, exe=exe)
         except (ProcessGone, PermissionError):
             return
         if process is None:

@@ -103,17 +103,16 @@ class ProcFS:
             exec_mark=hash((fields[23], fields[24], fields[25])),  # startcode, endcode, startstack
         )
 
-    def identity(self, pid: int) -> Identity:
+    def identity(self, pid: int, exe: str | None = None) -> Identity:
+        """`exe` when the caller read it already (the exec path's pre-filter)."""
         base = f"{self._prefix}{pid}"
         with vanishing(pid):
             with open(f"{base}/status", "rb", buffering=0) as file:
                 status = file.read().decode()
             with open(f"{base}/cmdline", "rb", buffering=0) as file:
                 cmdline = file.read()
-            try:
-                exe = os.readlink(f"{base}/exe")
-            except PermissionError:
-                exe = ""
+        if exe is None:
+            exe = self.exe(pid)
         uid = gid = 0
         groups: set[int] = set()
         for line in status.splitlines():
@@ -129,7 +128,7 @@ class ProcFS:
             uid=uid,
             user=_user_name(uid),
             groups=frozenset(_group_name(g) for g in groups | {gid}),
-            exe=exe.removesuffix(" (deleted)"),
+            exe=exe,
             cmdline=tuple(a.decode(errors="replace") for a in cmdline.split(b"\0") if a),
         )
 
@@ -186,11 +185,11 @@ class ProcFS:
         with vanishing(pid), open(f"{self._prefix}{pid}/comm", "rb") as file:
             return file.read().decode(errors="replace").strip()
 
-    def exe_name(self, pid: int) -> str:
-        """The file name of the program the process runs; "" when it is hidden from us."""
+    def exe(self, pid: int) -> str:
+        """The path of the program the process runs; "" when it is hidden from us."""
         try:
             with vanishing(pid):
-                return os.path.basename(os.readlink(f"{self._prefix}{pid}/exe"))
+                return os.readlink(f"{self._prefix}{pid}/exe").removesuffix(" (deleted)")
         except PermissionError:
             return ""
 
@@ -247,6 +246,7 @@ class Scanner:
         pid: int,
         libraries_wanted: frozenset[ProcKey] = frozenset(),
         verify: bool = True,
+        exe: str | None = None,
     ) -> Observed | None:
         """One process now (None for a kernel thread, or a PID reused as we read it).
 
@@ -260,7 +260,7 @@ class Scanner:
         if cached is not None and cached[0] == sample.exec_mark:
             identity = cached[1]
         else:
-            identity = self.procfs.identity(pid)
+            identity = self.procfs.identity(pid, exe)
             again = self.procfs.sample(pid) if verify else sample
             if (again.key, again.exec_mark) != (key, sample.exec_mark):
                 return None  # reused or exec'd while we read it: the next look sees it right
