@@ -20,6 +20,7 @@ from corecapd.enforcement import (
     Cgroup2Backend,
     EnforcementError,
     Host,
+    NoBackend,
     SystemdBackend,
     choose_backend,
 )
@@ -340,8 +341,10 @@ def test_cgroup2_problem_names_what_is_missing(tmp_path: Path) -> None:
     service = FakeHost(tmp_path / "c")
     cgroup(service.sys, cgroup__controllers="cpuset\n")
     cgroup(service.sys / "system.slice/corecapd.service", cgroup__controllers="cpuset\n")
-    assert "is not delegated to it (run it as a systemd service with Delegate=yes)" in str(
-        Cgroup2Backend(service.host()).problem()
+    assert Cgroup2Backend(service.host()).problem() == (
+        "neither corecapd's cgroup /system.slice/corecapd.service nor its parent is delegated"
+        " to it (run it as a systemd service with Delegate=yes and DelegateSubgroup=supervisor:"
+        " the drop-in systemd/cgroup2.conf)"
     )
 
 
@@ -388,28 +391,69 @@ def test_cgroup2_without_systemd_fences_in_its_own_subtree(tmp_path: Path) -> No
     assert backend.adopt() == {"100-7": ONLINE}
 
 
-def test_cgroup2_in_a_delegated_service_moves_itself_to_a_leaf_first(tmp_path: Path) -> None:
-    fake = FakeHost(tmp_path)
+def delegated_service(fake: FakeHost) -> Path:
+    """systemd's cgroup of a service with Delegate=yes: marked by the xattr, with a subgroup."""
     cgroup(fake.sys, cgroup__controllers="cpuset memory\n", cgroup__subtree_control="cpuset\n")
-    own = cgroup(
+    service = cgroup(
         fake.sys / "system.slice/corecapd.service",
         cgroup__controllers="cpuset memory\n",
         cgroup__subtree_control="",
-        cgroup__procs="4242\n",
+        cgroup__procs="",
     )
+    cgroup(service / "supervisor", cgroup__procs="4242\n")
     try:
-        os.setxattr(own, "user.delegate", b"1")
+        os.setxattr(service, "user.delegate", b"1")
     except OSError as err:
-        pytest.skip(f"no user xattrs in {tmp_path}: {err}")
-    job_cgroups(own / "corecap", "job-100-7")
+        pytest.skip(f"no user xattrs in {fake.root}: {err}")
+    return service
+
+
+def test_cgroup2_in_a_delegated_service_fences_beside_its_subgroup(tmp_path: Path) -> None:
+    fake = FakeHost(tmp_path, own="/system.slice/corecapd.service/supervisor")
+    service = delegated_service(fake)
+    job_cgroups(service / "corecap", "job-100-7")
     fake.process(100, "/user.slice")
     backend = Cgroup2Backend(fake.host())
     assert backend.problem() is None
+    assert backend.describe() == f"cgroup2 ({service / 'corecap'})"
     assert backend.confine("100-7", [100], frozenset({1})) == 1
-    assert (own / "supervisor/cgroup.procs").read_text() == "4242"
-    assert (own / "cgroup.subtree_control").read_text() == "+cpuset"
-    assert (own / "corecap/job-100-7/cgroup.procs").read_text() == "100"
+    assert (service / "supervisor/cgroup.procs").read_text() == "4242\n"  # left where it is
+    assert (service / "cgroup.subtree_control").read_text() == "+cpuset"
+    assert (service / "corecap/job-100-7/cgroup.procs").read_text() == "100"
     assert (fake.sys / "cgroup.subtree_control").read_text() == "cpuset\n"  # not ours
+
+
+def test_cgroup2_adopts_the_job_cgroups_a_previous_daemon_left(tmp_path: Path) -> None:
+    fake = FakeHost(tmp_path, own="/system.slice/corecapd.service/supervisor")
+    service = delegated_service(fake)
+    (service / "cgroup.subtree_control").write_text("cpuset\n")
+    job_cgroups(service / "corecap", "job-100-7")
+    (service / "corecap/cgroup.subtree_control").write_text("cpuset\n")
+    (service / "corecap/job-100-7/cpuset.cpus").write_text("1\n")
+    (service / "corecap/job-100-7/cgroup.procs").write_text("100\n")
+    fake.process(100, "/system.slice/corecapd.service/corecap/job-100-7")
+    backend = Cgroup2Backend(fake.host())
+    assert backend.adopt() == {"100-7": frozenset({1})}
+    assert backend.confine("100-7", [100], frozenset({1})) == 0  # in its fence: left as it is
+    for written in ("cgroup.subtree_control", "corecap/cgroup.subtree_control"):
+        assert (service / written).read_text() == "cpuset\n"  # enabled already: not written
+    assert (service / "corecap/job-100-7/cpuset.cpus").read_text() == "1\n"
+    assert (service / "corecap/job-100-7/cgroup.procs").read_text() == "100\n"
+
+
+def test_cgroup2_refuses_the_root_of_its_delegated_cgroup(tmp_path: Path) -> None:
+    fake = FakeHost(tmp_path)  # in /system.slice/corecapd.service itself: no DelegateSubgroup=
+    delegated_service(fake)
+    problem = str(Cgroup2Backend(fake.host()).problem())
+    assert problem.startswith(
+        "corecapd runs in the root of its delegated cgroup /system.slice/corecapd.service:"
+    )
+    for says in ("systemd could not start corecapd there again", "jobs would be stopped"):
+        assert says in problem
+    for fix in ("DelegateSubgroup=supervisor", "KillMode=process", "systemd/cgroup2.conf"):
+        assert fix in problem
+    with pytest.raises(NoBackend, match="'cgroup2' cannot work here: corecapd runs in the root"):
+        choose_backend("cgroup2", fake.host())
 
 
 def test_auto_order_on_synthetic_hosts(tmp_path: Path) -> None:

@@ -1,24 +1,24 @@
 """cgroup v2 cpuset in a subtree corecapd owns: a fence the job cannot widen.
 
 Which subtree is corecapd's: on a systemd host, the cgroup systemd delegated to its service
-(`Delegate=yes`, marked by systemd's `trusted.delegate` / `user.delegate` xattr); without
-systemd, `<cgroup2 mount>/<cgroup>` (the mount is `/sys/fs/cgroup`, or `.../unified` on a
-hybrid host, whose unified hierarchy usually has no cpuset controller). In a delegated cgroup
-corecapd first moves its own processes into a `supervisor` leaf, since a cgroup that hands
-controllers to children may hold no processes; then it enables `+cpuset` down its own path,
-and each job gets a leaf `<owned>/<cgroup>/job-<name>` whose `cpuset.cpus` is the grant. One
-write of a PID to `cgroup.procs` moves all its threads; children are born inside.
+(`Delegate=yes`, marked by systemd's `trusted.delegate` / `user.delegate` xattr), with corecapd
+itself in a subgroup of it (`DelegateSubgroup=supervisor`, systemd >= 254: a cgroup that hands
+controllers to its children may hold no processes); without systemd, the cgroup2 mount (the
+mount is `/sys/fs/cgroup`, or `.../unified` on a hybrid host, whose unified hierarchy usually
+has no cpuset controller). corecapd enables `+cpuset` down to `<owned>/<cgroup>`, and each job
+gets a leaf `<owned>/<cgroup>/job-<name>` whose `cpuset.cpus` is the grant. One write of a PID
+to `cgroup.procs` moves all its threads; children are born inside.
+
+With `KillMode=process` (systemd/cgroup2.conf) a stop, a restart or a crash of corecapd ends
+corecapd only: systemd starts the next one in the subgroup again, the jobs stay in their
+fences, and the new daemon adopts them by name. Run in the root of its delegated cgroup,
+corecapd refuses: systemd could not start it there again once jobs are fenced (219/CGROUP),
+and the jobs would go with the service.
 
 Only that subtree is ever written. A process whose cgroup (other than the root and ours) has a
 narrower effective cpuset than the host stays where it is: Slurm, Kubernetes or a container
 bounds it, and its affinity still narrows within. A job that ends with processes left has its
 cgroup widened to all its parent's CPUs, and removed once empty.
-
-Under systemd the jobs live inside corecapd's service cgroup, so they share its fate: a stop
-or restart ends them (default KillMode=), and with KillMode=process the restart fails instead
-(systemd cannot put the new main process into a cgroup that has controllers enabled for its
-children: 219/CGROUP; systemd >= 254's DelegateSubgroup= is the way out). Measured in the VM
-tier. The systemd backend has neither problem, and `backend = "auto"` prefers it there.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from corecapd.enforcement.base import Backend, EnforcementError, Host
 from corecapd.procfs import ProcessGone, vanishing
 
 JOB_PREFIX = "job-"
-SUPERVISOR = "supervisor"  # the leaf of corecapd's own processes in a delegated cgroup
 DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")  # systemd >= 251 sets them
 EXIT_WAIT_STEP, EXIT_WAIT_STEPS = 0.01, 100  # up to a second for exiting tasks to leave
 
@@ -48,7 +47,6 @@ class Layout:
 
     mount: Path  # the cgroup2 mount
     owned: Path
-    delegated: bool  # `owned` is a systemd unit's cgroup: its processes move to SUPERVISOR
     subtree: Path  # owned / <cgroup>: the job cgroups' parent
 
     def cgroup(self, path: Path) -> str:
@@ -133,20 +131,14 @@ class Cgroup2Backend(Backend):
             raise EnforcementError(f"cgroup2 cannot work here: {layout}")
         if self._prepared and layout.subtree.is_dir():
             return layout
-        for attempt in range(3):
-            try:
-                if layout.delegated:
-                    _empty_into(layout.owned, layout.owned / SUPERVISOR)
-                _enable_cpuset(layout.owned)
-                layout.subtree.mkdir(exist_ok=True)
-                _enable_cpuset(layout.subtree)
-                break
-            except OSError as err:
-                if err.errno == errno.EBUSY and attempt < 2:
-                    continue  # a process of ours started in `owned` meanwhile: move it too
-                raise EnforcementError(
-                    f"cannot enable the cpuset controller down to {layout.subtree}: {err}"
-                ) from err
+        try:
+            _enable_cpuset(layout.owned)
+            layout.subtree.mkdir(exist_ok=True)
+            _enable_cpuset(layout.subtree)
+        except OSError as err:
+            raise EnforcementError(
+                f"cannot enable the cpuset controller down to {layout.subtree}: {err}"
+            ) from err
         self._prepared = True
         return layout
 
@@ -198,10 +190,21 @@ def find_layout(host: Host) -> Layout | str:
         if own is None or own == "/":
             return "systemd is PID 1 but corecapd runs in the root cgroup: no delegated cgroup"
         owned = mount / own.lstrip("/")
-        if not delegated(owned):
+        if delegated(owned):
             return (
-                f"corecapd's cgroup {own} is not delegated to it"
-                " (run it as a systemd service with Delegate=yes)"
+                f"corecapd runs in the root of its delegated cgroup {own}: once jobs are fenced"
+                " below it, systemd could not start corecapd there again (a cgroup that hands"
+                " the cpuset controller to its children may hold no processes), and the jobs"
+                " would be stopped with the service. Run it in a subgroup and let a stop end"
+                " corecapd only: DelegateSubgroup=supervisor and KillMode=process (systemd >="
+                ' 254; the drop-in systemd/cgroup2.conf), or use backend = "systemd"'
+            )
+        owned = owned.parent
+        if owned == mount or not delegated(owned):
+            return (
+                f"neither corecapd's cgroup {own} nor its parent is delegated to it (run it as a"
+                " systemd service with Delegate=yes and DelegateSubgroup=supervisor: the drop-in"
+                " systemd/cgroup2.conf)"
             )
     else:
         owned = mount
@@ -220,7 +223,7 @@ def find_layout(host: Host) -> Layout | str:
                 f"cannot write {owned / name}: read-only (under systemd, ProtectKernelTunables="
                 f" and ProtectControlGroups= make it so; ReadWritePaths={owned} undoes that)"
             )
-    return Layout(mount, owned, owned != mount, owned / host.cgroup)
+    return Layout(mount, owned, owned / host.cgroup)
 
 
 def unified_mount(cgroup_root: Path) -> Path | None:
@@ -282,15 +285,6 @@ def effective_cpus(mount: Path, cgroup: str) -> frozenset[int] | None:
 def _enable_cpuset(cgroup: Path) -> None:
     if "cpuset" not in cgroupfs.read(cgroup / "cgroup.subtree_control").split():
         cgroupfs.write(cgroup / "cgroup.subtree_control", "+cpuset")
-
-
-def _empty_into(cgroup: Path, leaf: Path) -> None:
-    """Move every process of `cgroup` into `leaf` ("no internal processes")."""
-    procs = cgroupfs.procs(cgroup)
-    if procs:
-        leaf.mkdir(exist_ok=True)
-    for pid in procs:
-        cgroupfs.move(pid, leaf)
 
 
 def _remove(cgroup: Path) -> bool:

@@ -1,17 +1,20 @@
 """The systemd and cgroup2 fences against a real systemd and a real cgroup v2 kernel. Guest side
-of the VM tier (tests/vm/vm.sh: systemd 252 as PID 1, pure cgroup v2, root, the checkout
+of the VM tier (tests/vm/vm.sh: systemd 257 as PID 1, pure cgroup v2, root, the checkout
 read-only at /mnt/src); tests/test_vm.py runs it with the guest's python3 and pytest.
 
 - systemd: a marked job confined by a transient scope, `AllowedCPUs` read back from systemd
   (`systemctl show`, and D-Bus Get through `adopt()`) and from the kernel (/proc/PID/cgroup,
   cpuset.cpus.effective, the job's mask); new CPUs; a new member; release; adopt.
 - cgroup2: the same on a subtree of a unit started with Delegate=yes. The backend must run in
-  that unit, so a small driver (this file, run as `... guest_backends.py serve`) runs in a
-  `systemd-run --scope -p Delegate=yes` and takes JSON commands on stdin.
+  that unit's subgroup, so a small driver (this file, run as `... guest_backends.py serve`) is
+  a transient service with `Delegate=yes` and `DelegateSubgroup=supervisor` (`systemd-run
+  --pipe`) and takes JSON commands on stdin; in the root of a delegated cgroup (a scope) the
+  backend refuses, and says why.
 - end to end: corecapd as the shipped (hardened) service with `backend = "auto"` chooses
   systemd and fences marked jobs in their scopes; and with `backend = "cgroup2"`, the unit
-  plus `Delegate=yes` and `ReadWritePaths=` its own cgroup, in its delegated subtree. The
-  time from exec to the fence is printed (past pytest's capture).
+  plus the shipped drop-in systemd/cgroup2.conf, in its delegated subtree. Either way a fenced
+  job outlives `systemctl restart` and a kill -9 of corecapd, and the new daemon takes it
+  over. The time from exec to the fence is printed (past pytest's capture).
 
 Every unit, cgroup and process a test makes carries this run's prefix or marker and is removed
 by name or PID, also on failure. Timings print with `-s` (test_vm.py shows the guest output).
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +83,7 @@ class Made:
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
     units: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    dirs: list[Path] = field(default_factory=list)  # removed once empty, after the files
 
     def job(self, *prefix: str) -> subprocess.Popen[Any]:
         """A marked job process: `python3 -c` sleeping, the marker in its command line."""
@@ -99,6 +105,9 @@ class Made:
             sh("systemctl", "reset-failed", unit, check=False)
         for path in self.files:
             path.unlink(missing_ok=True)
+        for path in self.dirs:
+            if path.is_dir():
+                path.rmdir()
 
 
 @pytest.fixture
@@ -225,9 +234,9 @@ def test_systemd_leaves_a_process_in_a_narrower_cpuset(made: Made) -> None:
 
 @dataclass
 class Driver:
-    """The cgroup2 backend in a `systemd-run --scope -p Delegate=yes`, driven over a pipe."""
+    """The cgroup2 backend in a unit of its own (`serve` below), driven over a pipe."""
 
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[str]  # systemd-run: the unit's process has its stdin and stdout
     unit: str
     last_ms: float = 0.0  # how long the backend took for the last command, in the driver
 
@@ -243,25 +252,58 @@ class Driver:
         self.last_ms = answer["ms"]
         return answer["result"]
 
+    def close(self) -> None:
+        """End of input: the driver returns, its unit ends, then systemd-run."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
 
+
+# corecapd's way (systemd/cgroup2.conf): the main process in <unit cgroup>/supervisor. A
+# transient service does not inherit the environment; --pipe hands it our stdin and stdout.
+DELEGATED_SERVICE = (
+    *("systemd-run", "--quiet", "--pipe", "--wait", "--service-type=exec"),
+    *("-p", "Delegate=yes", "-p", "DelegateSubgroup=supervisor"),
+    *(f"--setenv=PYTHONPATH={SRC}", "--setenv=PYTHONDONTWRITEBYTECODE=1"),
+)
+# the process in the root of its delegated cgroup (a service without DelegateSubgroup= alike)
 DELEGATED_SCOPE = ("systemd-run", "--quiet", "--scope", "-p", "Delegate=yes")
 
 
-@pytest.fixture
-def driver(made: Made) -> Iterator[Driver]:
-    unit = f"{PREFIX}-driver.scope"
+def start_driver(made: Made, unit: str, runner: tuple[str, ...]) -> Driver:
     made.units.append(unit)
     process = subprocess.Popen(
-        [*DELEGATED_SCOPE, f"--unit={unit}", PYTHON, __file__, "serve", PREFIX],
+        [*runner, f"--unit={unit}", PYTHON, __file__, "serve", PREFIX],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     made.processes.append(process)
-    yield Driver(process, unit)
-    assert process.stdin is not None
-    process.stdin.close()
-    process.wait(timeout=30)
+    return Driver(process, unit)
+
+
+@pytest.fixture
+def driver(made: Made) -> Iterator[Driver]:
+    started = start_driver(made, f"{PREFIX}-driver.service", DELEGATED_SERVICE)
+    yield started
+    started.close()
+
+
+def test_cgroup2_refuses_the_root_of_a_delegated_cgroup(made: Made) -> None:
+    """There, systemd could not start corecapd again once jobs are fenced below it."""
+    root = start_driver(made, f"{PREFIX}-root.scope", DELEGATED_SCOPE)
+    try:
+        problem = root("problem")
+        assert cgroup_of(root.process.pid) == f"/system.slice/{root.unit}"
+    finally:
+        root.close()
+    assert problem.startswith(
+        f"corecapd runs in the root of its delegated cgroup /system.slice/{root.unit}: once jobs"
+        " are fenced below it, systemd could not start corecapd there again"
+    ), problem
+    assert "jobs would be stopped with the service" in problem
+    for fix in ("DelegateSubgroup=supervisor", "KillMode=process", "systemd/cgroup2.conf"):
+        assert fix in problem, problem
 
 
 @pytest.mark.skipif(not TWO_CPUS, reason="needs 2 CPUs")
@@ -269,6 +311,7 @@ def test_cgroup2_fences_in_its_delegated_subtree(made: Made, driver: Driver, say
     assert driver("problem") is None
     owned = f"/system.slice/{driver.unit}"
     assert show(driver.unit, "Delegate") == "yes" and show(driver.unit, "ControlGroup") == owned
+    assert cgroup_of(int(show(driver.unit, "MainPID"))) == f"{owned}/supervisor"
     assert driver("describe") == f"cgroup2 ({CGROUP}{owned}/{PREFIX})"
     job = made.job()
     name = job_name(job.pid)
@@ -279,7 +322,6 @@ def test_cgroup2_fences_in_its_delegated_subtree(made: Made, driver: Driver, say
     assert cgroup_of(job.pid) == fence
     assert effective(fence) == "1"
     assert os.sched_getaffinity(job.pid) == {1}
-    assert cgroup_of(driver.process.pid) == f"{owned}/supervisor"  # no internal processes
     assert (CGROUP / owned.lstrip("/") / "cgroup.subtree_control").read_text().split() == ["cpuset"]
     assert "cpuset" in (CGROUP / fence.lstrip("/") / ".." / "cgroup.subtree_control").read_text()
     os.sched_setaffinity(job.pid, ONLINE)
@@ -307,7 +349,7 @@ def test_cgroup2_fences_in_its_delegated_subtree(made: Made, driver: Driver, say
 
 
 def serve(prefix: str) -> None:
-    """The cgroup2 driver: runs inside the delegated scope, one JSON command per line."""
+    """The cgroup2 driver: runs inside the delegated unit, one JSON command per line."""
     from corecapd.enforcement import Cgroup2Backend, EnforcementError, Host
     from corecapd.procfs import ProcFS, online_cpus
 
@@ -333,16 +375,17 @@ def serve(prefix: str) -> None:
 
 
 SERVICE = f"{PREFIX}-corecapd.service"
+UNIT_DIR = Path("/etc/systemd/system")
 POLICY = Path(f"/etc/{PREFIX}.toml")
 SOCKET = Path(f"/run/corecap/{PREFIX}.sock")
 
 
 @dataclass(frozen=True)
 class Service:
-    """One way to run corecapd: the policy's backend, the unit's extra lines, what to expect."""
+    """One way to run corecapd: the policy's backend, the unit's drop-in, what to expect."""
 
     backend: str
-    unit_lines: tuple[str, ...]
+    drop_in: str | None  # systemd/<this>, installed as <unit>.d/<this>
     describe: str  # the fence backend's describe(), as status shows it after "affinity + "
     fence: str  # the cgroup a job lands in, "{job}" for its name
 
@@ -352,9 +395,20 @@ class Service:
         text = text.replace("/usr/local/bin/corecapctl", f"{PYTHON} -m corecapd.ctl")
         text = text.replace("/usr/local/bin/corecapd", f"{PYTHON} -m corecapd.daemon")
         text = text.replace("/etc/corecap.toml", str(POLICY))
-        extra = "".join(f"{line}\n" for line in self.unit_lines)
         environment = f"Environment=PYTHONPATH={SRC} PYTHONDONTWRITEBYTECODE=1\n"
-        return text.replace("[Service]\n", f"[Service]\n{environment}{extra}", 1)
+        return text.replace("[Service]\n", f"[Service]\n{environment}", 1)
+
+    def install(self, made: Made) -> None:
+        """The unit, and the shipped drop-in as it is, as an administrator would install them."""
+        unit_file = UNIT_DIR / SERVICE
+        made.files.append(unit_file)
+        unit_file.write_text(self.unit())
+        if self.drop_in is not None:
+            directory = UNIT_DIR / f"{SERVICE}.d"
+            made.dirs.append(directory)
+            made.files.append(directory / self.drop_in)
+            directory.mkdir(exist_ok=True)
+            shutil.copyfile(SRC / "systemd" / self.drop_in, directory / self.drop_in)
 
     def policy(self) -> str:
         return f"""\
@@ -377,13 +431,13 @@ cpus = 1
 
 SERVICES = [
     pytest.param(
-        Service("auto", (), "systemd (corecap.slice)", "/corecap.slice/corecap-{job}.scope"),
+        Service("auto", None, "systemd (corecap.slice)", "/corecap.slice/corecap-{job}.scope"),
         id="auto-chooses-systemd",
     ),
-    pytest.param(  # its own cgroup delegated, and writable (/sys is read-only otherwise)
+    pytest.param(  # its own cgroup delegated and writable, itself in the subgroup supervisor
         Service(
             "cgroup2",
-            ("Delegate=yes", f"ReadWritePaths={CGROUP}/system.slice/{SERVICE}"),
+            "cgroup2.conf",
             f"cgroup2 ({CGROUP}/system.slice/{SERVICE}/corecap)",
             f"/system.slice/{SERVICE}/corecap/job-{{job}}",
         ),
@@ -402,11 +456,10 @@ def service_log(since: float) -> str:
 def test_corecapd_service_fences_a_marked_job(made: Made, say: Say, service: Service) -> None:
     from corecapd.client import call
 
-    unit_file = Path("/etc/systemd/system") / SERVICE
-    made.files += [unit_file, POLICY]
+    made.files.append(POLICY)
     made.units.append(SERVICE)
     POLICY.write_text(service.policy())
-    unit_file.write_text(service.unit())
+    service.install(made)
     since = time.time()
     sh("systemctl", "daemon-reload")
     try:
@@ -421,14 +474,11 @@ def test_corecapd_service_fences_a_marked_job(made: Made, say: Say, service: Ser
 
         timings = [fence_one_job(made, service) for _ in range(3)]
         assert show(SERVICE, "ActiveState") == "active"
-        if service.backend == "cgroup2":  # no processes in the inner node it writes
-            main = int(show(SERVICE, "MainPID"))
-            assert cgroup_of(main) == f"/system.slice/{SERVICE}/supervisor"
+        in_its_subgroup(service)
         sh("systemctl", "reload", SERVICE)  # ExecReload= runs beside it (systemd: .control)
-        if service.backend == "auto":
-            survives_a_restart(made)
         shown = ", ".join(f"{ms:.0f}" for ms in timings)
         say(f"corecapd, {service.describe}: exec -> in its cgroup {shown} ms (3 jobs)")
+        survives_a_restart(made, say, service)
     except AssertionError as err:
         raise AssertionError(f"{err}\n{service_log(since)}") from None
     finally:
@@ -437,24 +487,84 @@ def test_corecapd_service_fences_a_marked_job(made: Made, say: Say, service: Ser
         sh("systemctl", "daemon-reload")
 
 
-def survives_a_restart(made: Made) -> None:
-    """A scope is not the service's: the job and its fence outlive a restart, and the new
-    daemon adopts the scope. (cgroup2 jobs live inside the service's cgroup: a stop ends them
-    with the default KillMode=; KillMode=process makes the restart fail, 219/CGROUP.)"""
-    from corecapd.client import call
+def in_its_subgroup(service: Service) -> None:
+    """cgroup2: corecapd in <service cgroup>/supervisor (DelegateSubgroup=), none in the
+    service cgroup itself, which hands the cpuset controller to the job cgroups."""
+    if service.backend == "cgroup2":
+        assert cgroup_of(int(show(SERVICE, "MainPID"))) == f"/system.slice/{SERVICE}/supervisor"
+        assert (CGROUP / "system.slice" / SERVICE / "cgroup.procs").read_text() == ""
 
+
+def enrolled(pid: int) -> list[int] | None:
+    """The job's CPUs in corecapd's status; None while it is not there (or no daemon is)."""
+    from corecapd.client import DaemonUnreachable, call
+
+    try:
+        jobs = call(SOCKET, "status")["jobs"]
+    except DaemonUnreachable:
+        return None
+    return next((job["cpus"] for job in jobs if job["pid"] == pid), None)
+
+
+def survives_a_restart(made: Made, say: Say, service: Service) -> None:
+    """A fenced job outlives `systemctl restart` and a kill -9 of corecapd (then restarted by
+    systemd: Restart=on-failure); the new daemon takes it over: in status again, its fence the
+    same cgroup with the same CPUs, and no second one made for it. A scope is not the service's;
+    a cgroup2 fence is, and systemd/cgroup2.conf keeps it there: KillMode=process ends only
+    corecapd, and DelegateSubgroup= has systemd start the next one in the subgroup, not in the
+    service cgroup, which now hands the cpuset controller to children (that restart failed
+    with 219/CGROUP on systemd 252, without the subgroup)."""
     job = made.job()
-    scope = fenced(job.pid, "/corecap.slice/", timeout=30)
-    unit = scope.rpartition("/")[2]
+    fence = fenced(job.pid, service.fence.partition("{job}")[0], timeout=30)
+    where = CGROUP / fence.lstrip("/")
+    identity = where.stat().st_ino  # the cgroup's id: the same cgroup, not one made anew
+    granted = wait_for(lambda: enrolled(job.pid), "the job in status")
+    unit = f"corecap-{job_name(job.pid)}.scope"
+
+    def taken_over(how: str, began: float) -> float:
+        """Checks once the new daemon has the job; ms from `began` to it in status."""
+        wait_for(lambda: enrolled(job.pid), f"the job re-enrolled after {how}", timeout=60)
+        took_ms = (time.monotonic() - began) * 1000
+        assert job.poll() is None, f"the job ended with corecapd ({how})"
+        assert cgroup_of(job.pid) == fence and where.stat().st_ino == identity, how
+        assert enrolled(job.pid) == granted, how
+        assert effective(fence) == cpulist(set(granted)), how
+        assert os.sched_getaffinity(job.pid) == set(granted), how
+        fences = [path.name for path in where.parent.iterdir() if path.is_dir()]
+        assert fences == [where.name], f"after {how}: {fences}"  # the one job running now
+        if service.backend == "auto":
+            assert show(unit, "AllowedCPUs") == cpulist(set(granted)), how
+        in_its_subgroup(service)
+        return took_ms
+
+    main = int(show(SERVICE, "MainPID"))
+    began = time.monotonic()
     sh("systemctl", "restart", SERVICE, timeout=150)
-    assert job.poll() is None and cgroup_of(job.pid) == scope
+    assert int(show(SERVICE, "MainPID")) not in (0, main)
+    restart_ms = taken_over("systemctl restart", began)
+
+    main, restarts = int(show(SERVICE, "MainPID")), int(show(SERVICE, "NRestarts"))
+    began = time.monotonic()
+    os.kill(main, signal.SIGKILL)
     wait_for(
-        lambda: any(j["pid"] == job.pid for j in call(SOCKET, "status")["jobs"]), "re-enrolled"
+        lambda: (
+            int(show(SERVICE, "MainPID")) not in (0, main)
+            and show(SERVICE, "ActiveState") == "active"
+        ),
+        "systemd to start corecapd again after kill -9",
+        timeout=90,
     )
-    granted = "1" if TWO_CPUS else "0"  # reserved_cpus = "0" where there are two
-    assert show(unit, "AllowedCPUs") == granted and effective(scope) == granted
+    assert int(show(SERVICE, "NRestarts")) == restarts + 1
+    killed_ms = taken_over("kill -9", began)
+
     made.end(job)
-    wait_for(lambda: show(unit, "LoadState") == "not-found", f"{unit} gone with the job")
+    wait_for(lambda: not where.exists(), f"{fence} gone with the job")
+    if service.backend == "auto":
+        assert show(unit, "LoadState") == "not-found"
+    say(
+        f"corecapd, {service.describe}: the fenced job back in status {restart_ms:.0f} ms"
+        f" after systemctl restart began, {killed_ms:.0f} ms after kill -9 (RestartSec=2s)"
+    )
 
 
 def fence_one_job(made: Made, service: Service) -> float:
