@@ -120,6 +120,8 @@ class JobTable:
         self._library_reads: dict[ProcKey, LibraryRead] = {}
         self._recheck: set[ProcKey] = set()  # read libraries on the next scan, whatever is due
         self._reallocate = False
+        # rule size -> the CPUs a new job of that size gets now (None: work it out again)
+        self._foreseen: dict[int, frozenset[int]] | None = None
         self.policy = policy
         self.eligible_cpus = eligible_cpus(policy, online_cpus)
 
@@ -127,6 +129,7 @@ class JobTable:
         """Adopt a validated policy: every process is classified afresh on the next step."""
         self.policy = policy
         self.eligible_cpus = eligible_cpus(policy, online_cpus=self.online_cpus)
+        self._foreseen = None
         self._exe_verdicts.clear()
         self._ignored.clear()
         self._reallocate = True
@@ -178,6 +181,40 @@ class JobTable:
         events = self._place_new(process, now)
         job_id = self._member_of.get(key)
         return events, self.jobs[job_id] if job_id is not None else None
+
+    def foresee(self) -> None:
+        """Work out, while nothing waits, what a new job of each rule's size would get now,
+        so that the exec path can confine before it places the job (`foreseen_cpus`)."""
+        if self._foreseen is not None:
+            return
+        holdings = [Holding(job.user, job.cpus) for job in self.jobs.values() if job.cpus]
+        self._foreseen = {}
+        for size in {rule.cpus for rule in self.policy.rules}:
+            try:
+                grant = allocate(size, "", self.eligible_cpus, holdings, None, self.topology)
+            except ValueError:
+                continue
+            if not grant.shared:  # which shared cores depends on whose job it is
+                self._foreseen[size] = grant.cpus
+
+    def foreseen_cpus(self, process: Observed) -> frozenset[int] | None:
+        """The CPUs `admit` will give `process`, when known without placing it (None: only
+        `admit` can tell, or no job). No side effects: `admit` follows and decides."""
+        key = process.key
+        job_id = self._member_of.get(key)
+        parent = self._member_pids.get(process.sample.ppid)
+        if job_id is None and parent is not None:
+            job_id = self._member_of[parent]
+        if job_id is not None:
+            return self.jobs[job_id].cpus
+        if self._foreseen is None or process.identity.cpuset is not None:
+            return None
+        if f"{key.pid}-{key.start_ticks}" in self._restored:
+            return None  # placed as its registration asks
+        if process.identity.user in self.policy.users:
+            return None  # capped: which cores depends on what the user holds
+        rule = classify(process, self.policy.rules, self.daemon_pid).rule
+        return None if rule is None else self._foreseen.get(rule.cpus)
 
     def register(
         self, process: Observed, registration: Registration, now: float
@@ -366,6 +403,7 @@ class JobTable:
 
     def _place(self, job: Job, event: type[JobStarted]) -> JobStarted:
         """Allocate cores and set the budget for `job` as its rule now says."""
+        self._foreseen = None
         holdings = [
             Holding(other.user, other.cpus)
             for other in self.jobs.values()
@@ -433,6 +471,7 @@ class JobTable:
             del self._member_pids[key.pid]
 
     def _end(self, job: Job, now: float, reason: str, live_pids: tuple[int, ...]) -> list[Event]:
+        self._foreseen = None
         for key in job.members:
             self._leave(key)
         self._waiting.discard(job.id)

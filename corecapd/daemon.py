@@ -69,7 +69,8 @@ from corecapd.topology import Topology, TopologyError, read_topology
 # Policy keys that only a restart applies: the socket, the backend and the event source.
 RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority", "cgroup", "state_dir")
 LATENCY_SAMPLES = 10_000
-GIL_SWITCH_INTERVAL = 0.0005  # seconds; Python's default of 5 ms would dwarf the exec path
+GIL_SWITCH_INTERVAL = 0.0001  # seconds; Python's default of 5 ms would dwarf the exec path
+EVENT_DATAGRAMS_PER_WAKE = 4096
 
 
 class StartupError(Exception):
@@ -230,6 +231,7 @@ class Daemon:
             self.reporter.emit(event)
         self._save_state()
         self.reporter.notify(self._status_line())
+        self.table.foresee()
 
     def _release_ended(self, events: list[Event], report: bool = True) -> None:
         """Let go of what jobs that ended held; report the events unless the caller will."""
@@ -242,19 +244,25 @@ class Daemon:
                 self.reporter.emit(event)
 
     def _on_exec_events(self) -> None:
+        """One datagram at a time: the first exec is confined before the rest are read
+        (a bound keeps a storm from starving the loop; the reader fires again)."""
         assert isinstance(self.exec_events, ProcEventSocket)
-        try:
-            events = self.exec_events.read()
-        except EventsLost as err:
-            self.events_lost += 1
-            self.reporter.emit(ExecEventsLost(reason=str(err), total=self.events_lost))
-            self.scan()  # the lost execs are found, and confined, by a full scan
-            return
-        for event in events:
-            if event.exec:
-                self._admit(event)
-            else:
-                self._release_ended(self.table.exited(event.pid, time.time()))
+        for _ in range(EVENT_DATAGRAMS_PER_WAKE):
+            try:
+                events = self.exec_events.read(limit=1)
+            except EventsLost as err:
+                self.events_lost += 1
+                self.reporter.emit(ExecEventsLost(reason=str(err), total=self.events_lost))
+                self.scan()  # the lost execs are found, and confined, by a full scan
+                return
+            if not events:
+                break
+            for event in events:
+                if event.exec:
+                    self._admit(event)
+                else:
+                    self._release_ended(self.table.exited(event.pid, time.time()))
+        self.table.foresee()  # the next exec's grant, worked out while nothing waits
 
     def _admit(self, event: ProcEvent) -> None:
         """The exec fast path: cheap reads, decide, confine; report only afterwards."""
@@ -262,19 +270,41 @@ class Daemon:
             exe = self.scanner.procfs.exe(event.pid)
             if not self.table.may_match_exe(os.path.basename(exe)):
                 return  # unrelated (children of jobs inherit their mask; scans enrol them)
-            process = self.scanner.observe(event.pid, verify=False, exe=exe)
         except (ProcessGone, PermissionError):
             return
-        if process is None:
-            return
-        events, job = self.table.admit(process, time.time())
-        if job is not None and self.enforcing:
-            events += self._confine(job, [event.pid])
-            self.exec_latency_us.append((time.monotonic_ns() - event.timestamp_ns) / 1000)
+        gc.disable()  # a collection now would land on the exec path; it runs right after
+        try:
+            events, job, confined_ns = self._decide_and_confine(event.pid, exe)
+        finally:
+            gc.enable()
+        if job is not None:  # confined
+            self.exec_latency_us.append((confined_ns - event.timestamp_ns) / 1000)
             if self.fences is not None:
                 self.fences.confine(job.name, (event.pid,), job.cpus)  # the fence follows
         for reported in events:
             self.reporter.emit(reported)
+
+    def _decide_and_confine(self, pid: int, exe: str) -> tuple[list[Event], Job | None, int]:
+        """Decide for a process that just exec'd: the events, and when enforcing its job
+        and when all its threads were confined (monotonic ns). Foreseen CPUs are set before
+        the job is placed, which is most of the path's work; the placement confirms them."""
+        try:
+            process = self.scanner.observe(pid, verify=False, exe=exe)
+        except (ProcessGone, PermissionError):
+            return [], None, 0
+        if process is None:
+            return [], None, 0
+        foreseen = self.table.foreseen_cpus(process) if self.enforcing else None
+        if foreseen is not None:
+            self.affinity.pin(pid, foreseen)
+        confined_ns = time.monotonic_ns()
+        events, job = self.table.admit(process, time.time())
+        if job is None or not self.enforcing:
+            return events, None, 0
+        events += self._confine(job, [pid])  # bookkeeping; sets what was not foreseen
+        if job.cpus != foreseen:
+            confined_ns = time.monotonic_ns()
+        return events, job, confined_ns
 
     def _escapes(self) -> list[Event]:
         """Jobs that widened their own masks since the last scan (set back already)."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, order=True)
-class ProcKey:
-    """A process's identity: a PID alone is reused, a PID with its start time is not."""
+class ProcKey(NamedTuple):
+    """A process's identity: a PID alone is reused, a PID with its start time is not.
+
+    A tuple, not a dataclass: it keys every table of the core, and a tuple hashes in C
+    (a frozen dataclass calls a Python __hash__ at every lookup)."""
 
     pid: int
     start_ticks: int

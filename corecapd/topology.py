@@ -77,6 +77,11 @@ class Topology:
         """The most SMT siblings any core has (cores may differ: hybrid CPUs, offline CPUs)."""
         return max(map(len, self.cores.values()), default=1)
 
+    @cached_property
+    def uniform(self) -> bool:
+        """One NUMA node and no SMT: any free CPU is as good as another for a grant."""
+        return len(self.nodes) == 1 and self.threads_per_core == 1
+
     def siblings(self, cpu: int) -> frozenset[int]:
         """The online CPUs sharing `cpu`'s physical core, `cpu` included."""
         known = self.by_id[cpu]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corecapd.allocator import Grant, Holding, allocate
+from corecapd.allocator import Grant, Holding, _pick_free, allocate
 from corecapd.topology import Cpu, Topology
 
 
@@ -335,6 +335,25 @@ def test_a_flat_topology_changes_nothing() -> None:
         assert allocate(requested, "alice", EIGHT, holdings, None, topology=flat) == allocate(
             requested, "alice", EIGHT, holdings, None
         )
+
+
+@given(st.sets(st.integers(0, 15)), st.integers(0, 16), st.booleans())
+def test_on_a_uniform_topology_the_topology_picks_the_lowest_free_cpus(
+    free: set[int], count: int, two_packages: bool
+) -> None:
+    """Why `allocate` may skip the topology when it is uniform (one node, no SMT)."""
+    uniform = Topology(
+        tuple(
+            Cpu(id=cpu, core=cpu % 8, package=cpu // 8, node=0)
+            if two_packages
+            else Cpu(id=cpu, core=cpu, package=0, node=0)
+            for cpu in range(16)
+        )
+    )
+    assert uniform.uniform and not ONE_SOCKET.uniform
+    ordered = sorted(free)
+    count = min(count, len(ordered))
+    assert _pick_free(count, ordered, uniform) == ordered[:count]
 
 
 def test_eligible_cpus_outside_the_topology_are_an_error() -> None:

@@ -941,3 +941,77 @@ def test_exit_events_end_a_job_with_its_last_process() -> None:
     assert world.table.jobs == {} and world.table.job_of(500) is None
     world.kill(parent, child)
     assert world.step(1) == []  # the scan finds nothing left to end
+
+
+FORESIGHT_POLICY = """
+[[rules]]
+name = "big"
+match.cmdline = "big"
+cpus = 3
+
+[[rules]]
+name = "py"
+match.exe = ["python*"]
+cpus = 1
+
+[users.carol]
+max_cpus = 2
+"""
+
+
+def test_the_exec_path_foresees_a_new_jobs_cpus() -> None:
+    world = World(FORESIGHT_POLICY, online=range(4))
+    world.table.foresee()
+    first = world.procs[world.spawn(500)]
+    assert world.table.foreseen_cpus(first) == frozenset({0})
+    _, job = world.table.admit(first, T0)
+    assert job is not None and job.cpus == frozenset({0})
+    assert world.table.foreseen_cpus(world.procs[world.spawn(501)]) is None  # stale now
+    world.table.foresee()
+    second = world.procs[world.spawn(502, cmdline=("python3", "big.py"))]
+    assert world.table.foreseen_cpus(second) == frozenset({1, 2, 3})
+    child = world.procs[world.spawn(503, ppid=500)]
+    assert world.table.foreseen_cpus(child) == frozenset({0})  # its parent's job's
+    capped = world.procs[world.spawn(504, user="carol")]
+    assert world.table.foreseen_cpus(capped) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["spawn", "child", "exit", "foresee"]),
+            st.sampled_from(["alice", "bob", "carol"]),
+            st.booleans(),  # "big" on the command line
+            st.sampled_from([None, frozenset({2, 3}), frozenset({0})]),  # an outer cpuset
+            st.integers(0, 30),
+        ),
+        max_size=40,
+    )
+)
+def test_foreseen_cpus_are_what_admit_grants(
+    steps: list[tuple[str, str, bool, frozenset[int] | None, int]],
+) -> None:
+    """Whatever happened before, a foreseen grant is the grant: the exec path sets it
+    before `admit` places the job."""
+    world = World(FORESIGHT_POLICY, online=range(4))
+    pid = 1000
+    for action, user, big, cpuset, pick in steps:
+        members = sorted(world.table._member_pids)
+        if action == "foresee":
+            world.table.foresee()
+            continue
+        if action == "exit":
+            if members:
+                world.table.exited(members[pick % len(members)], T0)
+            continue
+        pid += 1
+        ppid = members[pick % len(members)] if action == "child" and members else 1
+        cmdline = ("python3", "big.py" if big else "job.py")
+        key = world.spawn(pid, ppid=ppid, user=user, cmdline=cmdline)
+        process = world.procs[key]
+        process = replace(process, identity=replace(process.identity, cpuset=cpuset))
+        foreseen = world.table.foreseen_cpus(process)
+        _, job = world.table.admit(process, T0)
+        if foreseen is not None:
+            assert job is not None and job.cpus == foreseen

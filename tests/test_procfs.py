@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from corecapd.procfs import ProcessGone, ProcFS, Scanner, online_cpus
+from corecapd.procfs import READ_SIZE, ProcessGone, ProcFS, Scanner, online_cpus
 
 
 def test_sample_and_identity_of_this_process() -> None:
@@ -22,6 +22,29 @@ def test_sample_and_identity_of_this_process() -> None:
     assert identity.uid == os.geteuid() and identity.user == "root" and "root" in identity.groups
     assert os.path.realpath(identity.exe) == os.path.realpath(sys.executable)
     assert identity.cmdline[0].endswith(("python", "python3", "pytest")) or identity.cmdline
+
+
+def test_identity_of_another_user_with_a_long_command_line() -> None:
+    """Effective ids and every group from status; a command line longer than one read."""
+    import grp
+    import pwd
+
+    long_argument = "x" * 3 * READ_SIZE
+    child = subprocess.Popen(
+        ["/bin/sh", "-c", "read line", "sh", long_argument, "tail"],  # nobody may run it
+        stdin=subprocess.PIPE,
+        user=65534,
+        group=65534,
+        extra_groups=[100],
+    )
+    try:
+        identity = ProcFS().identity(child.pid)
+        assert identity.cmdline[-2:] == (long_argument, "tail")
+        assert (identity.uid, identity.user) == (65534, pwd.getpwuid(65534).pw_name)
+        assert identity.groups == {grp.getgrgid(65534).gr_name, grp.getgrgid(100).gr_name}
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_comm_with_spaces_and_parentheses_parses() -> None:

@@ -2,11 +2,13 @@
 
 A thread's mask is per TID and new threads inherit their creator's, so every existing
 thread is set, and the task list is read again until a pass finds no thread it had not
-seen (a thread created during the pass inherits the old mask otherwise).
+seen (a thread created during the pass inherits the old mask otherwise). The leader goes
+first, before any list: at exec it is the only thread, so one list read then suffices.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Sequence
@@ -45,6 +47,12 @@ class AffinityBackend(Backend):
         self._confined[job] = (cpus, seen if len(known) > MAX_KNOWN_TIDS else known | seen)
         return len(changed)
 
+    def pin(self, pid: int, cpus: frozenset[int]) -> None:
+        """Set every thread of `pid` now, before its job is known (the exec path); `confine`
+        follows and keeps the books. An error is left for `confine` to raise."""
+        with contextlib.suppress(EnforcementError):
+            self._set_all_threads(pid, cpus, set())
+
     def take_escapes(self) -> dict[str, int]:
         """Threads each job moved out of its mask since the last call (set back already)."""
         escapes, self._escapes = self._escapes, {}
@@ -61,15 +69,16 @@ class AffinityBackend(Backend):
         """Set every thread of `pid`; the TIDs that had another mask. Adds all to `seen`."""
         changed: list[int] = []
         done: set[int] = set()
+        fresh = [pid]  # the leader before the list: a process just exec'd has no other thread
         try:
             for _ in range(MAX_PASSES):
-                fresh = [tid for tid in self.host.procfs.thread_ids(pid) if tid not in done]
-                if not fresh:
-                    break
                 for tid in fresh:
                     if self._set_thread(pid, tid, cpus):
                         changed.append(tid)
                     done.add(tid)
+                fresh = [tid for tid in self.host.procfs.thread_ids(pid) if tid not in done]
+                if not fresh:
+                    break
         except ProcessGone:
             pass
         seen |= done
