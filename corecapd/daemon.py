@@ -249,13 +249,13 @@ class Daemon:
         assert isinstance(self.exec_events, ProcEventSocket)
         for _ in range(EVENT_DATAGRAMS_PER_WAKE):
             try:
-                events = self.exec_events.read(limit=1)
+                events = self.exec_events.read()
             except EventsLost as err:
                 self.events_lost += 1
                 self.reporter.emit(ExecEventsLost(reason=str(err), total=self.events_lost))
                 self.scan()  # the lost execs are found, and confined, by a full scan
                 return
-            if not events:
+            if events is None:
                 break
             for event in events:
                 if event.exec:

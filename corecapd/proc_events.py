@@ -108,20 +108,18 @@ class ProcEventSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def read(self, limit: int = 4096) -> list[ProcEvent]:
-        """The exec and process-exit events waiting now (at most `limit` datagrams)."""
-        events: list[ProcEvent] = []
-        for _ in range(limit):
-            try:
-                data = self._sock.recv(4096)
-            except BlockingIOError:
-                break
-            except OSError as err:
-                if err.errno == errno.ENOBUFS:
-                    raise EventsLost("the kernel's event queue overflowed") from None
-                raise
-            events += parse_messages(data, None if self.filtered else self._last_seq)
-        return events
+    def read(self) -> list[ProcEvent] | None:
+        """The exec and process-exit events of the next datagram (maybe none of them: other
+        kinds, without a filter); None when no datagram is waiting."""
+        try:
+            data = self._sock.recv(4096)
+        except BlockingIOError:
+            return None
+        except OSError as err:
+            if err.errno == errno.ENOBUFS:
+                raise EventsLost("the kernel's event queue overflowed") from None
+            raise
+        return parse_messages(data, None if self.filtered else self._last_seq)
 
 
 def parse_messages(data: bytes, sequences: dict[int, int] | None) -> list[ProcEvent]:
