@@ -36,12 +36,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from guestkit import GUEST_ONLY, sh, wait_for
+from guestkit import GUEST_ONLY, PYTHON, SRC, from_checkout, sh, wait_for
 
 T = TypeVar("T")
 
-SRC = Path(__file__).resolve().parents[2]
-PYTHON = "/usr/bin/python3"
 CGROUP = Path("/sys/fs/cgroup")
 RUN = uuid.uuid4().hex[:10]
 PREFIX = f"cctest_{RUN}"  # daemon.cgroup of the backend tests: "<PREFIX>.slice", ...
@@ -392,11 +390,7 @@ class Service:
     def unit(self) -> str:
         """The shipped unit, all its hardening kept, run from the checkout with our policy."""
         text = (SRC / "systemd" / "corecapd.service").read_text()
-        text = text.replace("/usr/local/bin/corecapctl", f"{PYTHON} -m corecapd.ctl")
-        text = text.replace("/usr/local/bin/corecapd", f"{PYTHON} -m corecapd.daemon")
-        text = text.replace("/etc/corecap.toml", str(POLICY))
-        environment = f"Environment=PYTHONPATH={SRC} PYTHONDONTWRITEBYTECODE=1\n"
-        return text.replace("[Service]\n", f"[Service]\n{environment}", 1)
+        return from_checkout(text.replace("/etc/corecap.toml", str(POLICY)))
 
     def install(self, made: Made) -> None:
         """The unit, and the shipped drop-in as it is, as an administrator would install them."""

@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from guestkit import GUEST_ONLY, sh, wait_for
+from guestkit import GUEST_ONLY, PYTHON, SRC, from_checkout, sh, wait_for
 
 from corecapd.events import JobStarted, PolicyRejected, PolicyReloaded
 
 T = TypeVar("T")
 
-SRC = Path(__file__).resolve().parents[2]
-PYTHON = "/usr/bin/python3"
 UNIT = "corecapd.service"
 PROBE = "corecapd-probe.service"
 UNIT_DIR = Path("/etc/systemd/system")
@@ -86,20 +84,12 @@ def derive_unit(shipped: str, drop: frozenset[str] = frozenset()) -> str:
         stripped = line.strip()
         if stripped.startswith("["):
             section = stripped
-        key = stripped.partition("=")[0]
         if section == "[Service]" and stripped in drop:
             continue
-        if section == "[Service]" and key == "ExecStart":
-            line = EXEC_START
-        elif section == "[Service]" and key.startswith("Exec"):
-            line = line.replace("/usr/local/bin/corecapctl", f"{PYTHON} -m corecapd.ctl")
-            line = line.replace("/usr/local/bin/corecapd", f"{PYTHON} -m corecapd.daemon")
-        elif section == "[Service]" and key == "WatchdogSec":
+        if section == "[Service]" and stripped.startswith("WatchdogSec="):
             line = f"WatchdogSec={WATCHDOG_SEC}s"
         out.append(line)
-        if stripped == "[Service]":
-            out.append(f"Environment=PYTHONPATH={SRC} PYTHONDONTWRITEBYTECODE=1")
-    return "\n".join(out) + "\n"
+    return from_checkout("\n".join(out) + "\n")
 
 
 def policy(broken: bool = False) -> str:

@@ -13,6 +13,9 @@ import pytest
 
 T = TypeVar("T")
 
+SRC = Path(__file__).resolve().parents[2]  # the checkout, read-only at /mnt/src
+PYTHON = "/usr/bin/python3"  # the guest's: nothing of corecap is installed there
+
 GUEST_ONLY = pytest.mark.skipif(
     not Path("/etc/corecap-vm-guest").exists() or os.geteuid() != 0,
     reason="guest side of the VM tier: runs as root inside the tests/vm/vm.sh guest only",
@@ -37,3 +40,11 @@ def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 30) 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.1)
+
+
+def from_checkout(unit: str) -> str:
+    """A unit of systemd/ with its commands run from the checkout by the guest's python3."""
+    unit = unit.replace("/usr/local/bin/corecapctl", f"{PYTHON} -m corecapd.ctl")
+    unit = unit.replace("/usr/local/bin/corecapd", f"{PYTHON} -m corecapd.daemon")
+    environment = f"Environment=PYTHONPATH={SRC} PYTHONDONTWRITEBYTECODE=1\n"
+    return unit.replace("[Service]\n", f"[Service]\n{environment}", 1)
