@@ -25,8 +25,8 @@ from corecapd.events import (
     ViolationEnded,
     ViolationStarted,
 )
-from corecapd.matching import classify, exe_may_match, loads_library
-from corecapd.model import Observed, ProcKey
+from corecapd.matching import classify, classify_identity, exe_may_match, loads_library
+from corecapd.model import Identity, Observed, ProcKey
 from corecapd.policy import Match, Policy, Rule
 from corecapd.protocol import EpochReport
 from corecapd.topology import Topology
@@ -197,23 +197,21 @@ class JobTable:
             if not grant.shared:  # which shared cores depends on whose job it is
                 self._foreseen[size] = grant.cpus
 
-    def foreseen_cpus(self, process: Observed) -> frozenset[int] | None:
-        """The CPUs `admit` will give `process`, when known without placing it (None: only
-        `admit` can tell, or no job). No side effects: `admit` follows and decides."""
-        key = process.key
-        job_id = self._member_of.get(key)
-        parent = self._member_pids.get(process.sample.ppid)
-        if job_id is None and parent is not None:
-            job_id = self._member_of[parent]
-        if job_id is not None:
-            return self.jobs[job_id].cpus
-        if self._foreseen is None or process.identity.cpuset is not None:
+    def foreseen_cpus(self, pid: int, ppid: int, identity: Identity) -> frozenset[int] | None:
+        """The CPUs `admit` will give a process that just exec'd, when known without placing
+        it (None: only `admit` can tell, or no job). By PID, not key: the exec path asks
+        before it reads the start time, and a PID's exit event comes before its reuse. No
+        side effects: `admit` follows and decides."""
+        member = self._member_pids.get(pid) or self._member_pids.get(ppid)
+        if member is not None:  # a member that exec'd again, or a child of a job
+            return self.jobs[self._member_of[member]].cpus
+        if self._foreseen is None or identity.cpuset is not None or pid == self.daemon_pid:
             return None
-        if f"{key.pid}-{key.start_ticks}" in self._restored:
+        if any(name.startswith(f"{pid}-") for name in self._restored):
             return None  # placed as its registration asks
-        if process.identity.user in self.policy.users:
+        if identity.user in self.policy.users:
             return None  # capped: which cores depends on what the user holds
-        rule = classify(process, self.policy.rules, self.daemon_pid).rule
+        rule = classify_identity(identity, None, self.policy.rules).rule
         return None if rule is None else self._foreseen.get(rule.cpus)
 
     def register(

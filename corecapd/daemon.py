@@ -287,17 +287,19 @@ class Daemon:
     def _decide_and_confine(self, pid: int, exe: str) -> tuple[list[Event], Job | None, int]:
         """Decide for a process that just exec'd: the events, and when enforcing its job
         and when all its threads were confined (monotonic ns). Foreseen CPUs are set before
-        the job is placed, which is most of the path's work; the placement confirms them."""
+        the job is placed, and before the stat file is read, which is most of the path's
+        work; the placement confirms them."""
         try:
-            process = self.scanner.observe(pid, verify=False, exe=exe)
+            identity, ppid = self.scanner.procfs.identity_and_parent(pid, exe)
+            foreseen = self.table.foreseen_cpus(pid, ppid, identity) if self.enforcing else None
+            if foreseen is not None:
+                self.affinity.pin(pid, foreseen)
+            confined_ns = time.monotonic_ns()
+            process = self.scanner.observe(pid, identity=identity)  # the stat file only now
         except (ProcessGone, PermissionError):
             return [], None, 0
         if process is None:
             return [], None, 0
-        foreseen = self.table.foreseen_cpus(process) if self.enforcing else None
-        if foreseen is not None:
-            self.affinity.pin(pid, foreseen)
-        confined_ns = time.monotonic_ns()
         events, job = self.table.admit(process, time.time())
         if job is None or not self.enforcing:
             return events, None, 0

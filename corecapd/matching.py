@@ -41,12 +41,19 @@ def classify(process: Observed, rules: Iterable[Rule], daemon_pid: int) -> Class
     """First match wins, on what is known now; `loads` never matches unread libraries."""
     if process.sample.kernel_thread or process.key.pid == daemon_pid:
         return Classification(None, False)
+    return classify_identity(process.identity, process.libraries, rules)
+
+
+def classify_identity(
+    identity: Identity, libraries: frozenset[str] | None, rules: Iterable[Rule]
+) -> Classification:
+    """`classify` for a user process known by who it is alone (the exec path, before it
+    has read the stat file)."""
     waiting = False
-    libraries = process.libraries or frozenset()
     for rule in rules:
-        if not _matches_cheaply(rule.match, process.identity):
+        if not _matches_cheaply(rule.match, identity):
             continue
-        if all(loads_library(libraries, name) for name in rule.match.loads):
+        if all(loads_library(libraries or (), name) for name in rule.match.loads):
             return Classification(rule, waiting)
         waiting = True
     return Classification(None, waiting)

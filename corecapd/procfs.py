@@ -118,8 +118,12 @@ class ProcFS:
             exec_mark=hash((fields[23], fields[24], fields[25])),  # startcode, endcode, startstack
         )
 
-    def identity(self, pid: int, exe: str | None = None) -> Identity:
-        """`exe` when the caller read it already (the exec path's pre-filter)."""
+    def identity(self, pid: int) -> Identity:
+        return self.identity_and_parent(pid)[0]
+
+    def identity_and_parent(self, pid: int, exe: str | None = None) -> tuple[Identity, int]:
+        """Who the process is, and its parent's PID, without the stat file: the exec path
+        confines on these alone. `exe` when the caller read it already (its pre-filter)."""
         base = f"{self._prefix}{pid}"
         with vanishing(pid):
             status = read_bytes(f"{base}/status")
@@ -129,7 +133,7 @@ class ProcFS:
         uid = int(_status_field(status, b"Uid")[1])  # effective
         gids = {int(_status_field(status, b"Gid")[1])}
         gids.update(int(gid) for gid in _status_field(status, b"Groups"))
-        return Identity(
+        identity = Identity(
             cpuset=self.cpuset_cpus(pid),
             uid=uid,
             user=_user_name(uid),
@@ -137,6 +141,7 @@ class ProcFS:
             exe=exe,
             cmdline=tuple(a.decode(errors="replace") for a in cmdline.split(b"\0") if a),
         )
+        return identity, int(_status_field(status, b"PPid")[0])
 
     def cpuset_cpus(self, pid: int) -> frozenset[int] | None:
         """The CPUs of the process's cpuset when someone other than corecapd bounds it."""
@@ -237,7 +242,7 @@ class Scanner:
 
     def __init__(self, procfs: ProcFS) -> None:
         self.procfs = procfs
-        self._identities: dict[ProcKey, tuple[int, Identity]] = {}  # by exec mark
+        self._identities: dict[ProcKey, tuple[int | None, Identity]] = {}  # by exec mark
         self._libraries: dict[ProcKey, frozenset[str]] = {}
 
     def scan(self, libraries_wanted: frozenset[ProcKey]) -> dict[ProcKey, Observed]:
@@ -258,23 +263,26 @@ class Scanner:
         self,
         pid: int,
         libraries_wanted: frozenset[ProcKey] = frozenset(),
-        verify: bool = True,
-        exe: str | None = None,
+        identity: Identity | None = None,
     ) -> Observed | None:
         """One process now (None for a kernel thread, or a PID reused as we read it).
 
-        `verify=False` skips the re-read that proves the process did not exec again while
-        its identity was read: the exec path saves ~100 us, and a later scan notices it."""
+        `identity` when the exec path read it already, before the stat file: it is kept
+        unverified (a second exec in between would go unnoticed), so the next scan reads it
+        again."""
         sample = self.procfs.sample(pid)
         key = sample.key
         if sample.kernel_thread:
             return None
         cached = self._identities.get(key)
-        if cached is not None and cached[0] == sample.exec_mark:
+        if identity is not None:
+            self._identities[key] = (None, identity)
+            self._libraries.pop(key, None)
+        elif cached is not None and cached[0] == sample.exec_mark:
             identity = cached[1]
         else:
-            identity = self.procfs.identity(pid, exe)
-            again = self.procfs.sample(pid) if verify else sample
+            identity = self.procfs.identity(pid)
+            again = self.procfs.sample(pid)
             if (again.key, again.exec_mark) != (key, sample.exec_mark):
                 return None  # reused or exec'd while we read it: the next look sees it right
             self._identities[key] = (sample.exec_mark, identity)

@@ -959,28 +959,34 @@ max_cpus = 2
 """
 
 
+def foreseen(table: JobTable, process: Observed) -> frozenset[int] | None:
+    """What the exec path asks, from what it has read before the stat file."""
+    return table.foreseen_cpus(process.key.pid, process.sample.ppid, process.identity)
+
+
 def test_the_exec_path_foresees_a_new_jobs_cpus() -> None:
     world = World(FORESIGHT_POLICY, online=range(4))
     world.table.foresee()
     first = world.procs[world.spawn(500)]
-    assert world.table.foreseen_cpus(first) == frozenset({0})
+    assert foreseen(world.table, first) == frozenset({0})
     _, job = world.table.admit(first, T0)
     assert job is not None and job.cpus == frozenset({0})
-    assert world.table.foreseen_cpus(world.procs[world.spawn(501)]) is None  # stale now
+    assert foreseen(world.table, world.procs[world.spawn(501)]) is None  # stale now
     world.table.foresee()
     second = world.procs[world.spawn(502, cmdline=("python3", "big.py"))]
-    assert world.table.foreseen_cpus(second) == frozenset({1, 2, 3})
+    assert foreseen(world.table, second) == frozenset({1, 2, 3})
     child = world.procs[world.spawn(503, ppid=500)]
-    assert world.table.foreseen_cpus(child) == frozenset({0})  # its parent's job's
+    assert foreseen(world.table, child) == frozenset({0})  # its parent's job's
     capped = world.procs[world.spawn(504, user="carol")]
-    assert world.table.foreseen_cpus(capped) is None
+    assert foreseen(world.table, capped) is None
+    assert foreseen(world.table, world.procs[world.spawn(DAEMON_PID)]) is None
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["spawn", "child", "exit", "foresee"]),
+            st.sampled_from(["spawn", "child", "exec again", "exit", "foresee"]),
             st.sampled_from(["alice", "bob", "carol"]),
             st.booleans(),  # "big" on the command line
             st.sampled_from([None, frozenset({2, 3}), frozenset({0})]),  # an outer cpuset
@@ -1005,13 +1011,19 @@ def test_foreseen_cpus_are_what_admit_grants(
             if members:
                 world.table.exited(members[pick % len(members)], T0)
             continue
+        if action == "exec again" and members:  # a job's process runs another program
+            again = world.procs[world.table._member_pids[members[pick % len(members)]]]
+            expected = foreseen(world.table, again)
+            _, job = world.table.admit(again, T0)
+            assert job is not None and job.cpus == expected
+            continue
         pid += 1
         ppid = members[pick % len(members)] if action == "child" and members else 1
         cmdline = ("python3", "big.py" if big else "job.py")
         key = world.spawn(pid, ppid=ppid, user=user, cmdline=cmdline)
         process = world.procs[key]
         process = replace(process, identity=replace(process.identity, cpuset=cpuset))
-        foreseen = world.table.foreseen_cpus(process)
+        expected = foreseen(world.table, process)
         _, job = world.table.admit(process, T0)
-        if foreseen is not None:
-            assert job is not None and job.cpus == foreseen
+        if expected is not None:
+            assert job is not None and job.cpus == expected

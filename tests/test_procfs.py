@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,29 @@ def test_identity_of_another_user_with_a_long_command_line() -> None:
         assert identity.cmdline[-2:] == (long_argument, "tail")
         assert (identity.uid, identity.user) == (65534, pwd.getpwuid(65534).pw_name)
         assert identity.groups == {grp.getgrgid(65534).gr_name, grp.getgrgid(100).gr_name}
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_exec_paths_identity_is_read_again_by_the_next_look() -> None:
+    """The exec path reads who a process is, and its parent, before the stat file; what it
+    read stands for that look only (the process may have exec'd again in between)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        procfs = ProcFS()
+        identity, ppid = procfs.identity_and_parent(child.pid)
+        assert ppid == os.getpid() and identity == procfs.identity(child.pid)
+        scanner = Scanner(procfs)
+        stale = replace(identity, cmdline=("python3", "an-earlier-program"))
+        first = scanner.observe(child.pid, identity=stale)
+        assert first is not None and first.identity == stale
+        again = scanner.observe(child.pid)
+        assert again is not None and again.identity == identity
+        cached = scanner.observe(child.pid)  # verified now: the same object, from the cache
+        assert cached is not None and cached.identity is again.identity
     finally:
         child.kill()
         child.wait()
