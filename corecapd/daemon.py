@@ -51,7 +51,7 @@ from corecapd.events import (
     ViolationStarted,
 )
 from corecapd.journal import Reporter, under_journal
-from corecapd.model import ProcKey
+from corecapd.model import Observed, ProcKey
 from corecapd.policy import DEFAULT_POLICY_PATH, Policy, PolicyError, load_policy
 from corecapd.proc_events import EventsLost, ProcEvent, ProcEventSocket
 from corecapd.procfs import ProcessGone, ProcFS, Scanner, online_cpus
@@ -152,6 +152,8 @@ class Daemon:
         self.server = SocketServer(Path(policy.daemon.socket), self.handle)
         self.exec_latency_us: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.events_lost = 0
+        self.execs_during_scans = 0
+        self._changed_meanwhile: set[int] | None = None  # while a scan runs: PIDs events changed
         self._failed: set[ProcKey] = set()  # jobs whose enforcement error was reported
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -219,8 +221,12 @@ class Daemon:
         """Reconcile with all of /proc: new and gone processes, threads, drift."""
         self._next_scan = time.monotonic() + self.policy.daemon.scan_interval
         now = time.time()
-        processes = self.scanner.scan(self.table.libraries_wanted)
-        events = self.table.step(processes, now)
+        self._changed_meanwhile = set()
+        try:
+            processes = self.scanner.scan(self.table.libraries_wanted, self._during_scan)
+        finally:
+            changed, self._changed_meanwhile = self._changed_meanwhile, None
+        events = self.table.step(self._folded_in(processes, changed), now)
         if self.enforcing:
             self._release_ended(events, report=False)
             self._failed &= self.table.jobs.keys()
@@ -232,6 +238,29 @@ class Daemon:
         self._save_state()
         self.reporter.notify(self._status_line())
         self.table.foresee()
+
+    def _during_scan(self) -> None:
+        """Exec events that come in while a scan reads /proc (tens of ms on a host with
+        thousands of processes) are handled at once, as between scans."""
+        if isinstance(self.exec_events, ProcEventSocket):
+            self._on_exec_events()
+
+    def _folded_in(
+        self, processes: dict[ProcKey, Observed], changed: set[int]
+    ) -> dict[ProcKey, Observed]:
+        """The scan's view with what exec and exit events changed meanwhile, as it is now:
+        the scan may have read those processes before their exec or exit, or not at all,
+        and the step must not end a job just placed or place one that has ended."""
+        if not changed:
+            return processes
+        folded = {key: seen for key, seen in processes.items() if key.pid not in changed}
+        for pid in changed:
+            if self.table.job_of(pid) is None:
+                continue
+            with contextlib.suppress(ProcessGone, PermissionError):
+                if (seen := self.scanner.observe(pid)) is not None:
+                    folded[seen.key] = seen
+        return folded
 
     def _release_ended(self, events: list[Event], report: bool = True) -> None:
         """Let go of what jobs that ended held; report the events unless the caller will."""
@@ -253,42 +282,38 @@ class Daemon:
             except EventsLost as err:
                 self.events_lost += 1
                 self.reporter.emit(ExecEventsLost(reason=str(err), total=self.events_lost))
-                self.scan()  # the lost execs are found, and confined, by a full scan
+                self._rescan()  # the lost execs are found, and confined, by a full scan
                 return
             if events is None:
                 break
             for event in events:
                 if event.exec:
                     self._admit(event)
-                else:
-                    self._release_ended(self.table.exited(event.pid, time.time()))
+                    continue
+                if self._changed_meanwhile is not None:
+                    self._changed_meanwhile.add(event.pid)
+                self._release_ended(self.table.exited(event.pid, time.time()))
         self.table.foresee()  # the next exec's grant, worked out while nothing waits
 
+    def _rescan(self) -> None:
+        if self._changed_meanwhile is None:
+            self.scan()
+        else:  # the running scan may have listed /proc before the lost execs: one more
+            self._next_scan = time.monotonic()
+            self._wake.set()
+
     def _admit(self, event: ProcEvent) -> None:
-        """The exec fast path: cheap reads, decide, confine; report only afterwards."""
+        """The exec fast path: cheap reads, decide, and set the foreseen CPUs on every
+        thread before the job is placed (and before the stat file is read: most of the
+        path's work); the placement confirms them, or corrects them; report afterwards."""
+        pid = event.pid
         try:
-            exe = self.scanner.procfs.exe(event.pid)
+            exe = self.scanner.procfs.exe(pid)
             if not self.table.may_match_exe(os.path.basename(exe)):
                 return  # unrelated (children of jobs inherit their mask; scans enrol them)
         except (ProcessGone, PermissionError):
             return
         gc.disable()  # a collection now would land on the exec path; it runs right after
-        try:
-            events, job, confined_ns = self._decide_and_confine(event.pid, exe)
-        finally:
-            gc.enable()
-        if job is not None:  # confined
-            self.exec_latency_us.append((confined_ns - event.timestamp_ns) / 1000)
-            if self.fences is not None:
-                self.fences.confine(job.name, (event.pid,), job.cpus)  # the fence follows
-        for reported in events:
-            self.reporter.emit(reported)
-
-    def _decide_and_confine(self, pid: int, exe: str) -> tuple[list[Event], Job | None, int]:
-        """Decide for a process that just exec'd: the events, and when enforcing its job
-        and when all its threads were confined (monotonic ns). Foreseen CPUs are set before
-        the job is placed, and before the stat file is read, which is most of the path's
-        work; the placement confirms them."""
         try:
             identity, ppid = self.scanner.procfs.identity_and_parent(pid, exe)
             foreseen = self.table.foreseen_cpus(pid, ppid, identity) if self.enforcing else None
@@ -297,16 +322,24 @@ class Daemon:
             confined_ns = time.monotonic_ns()
             process = self.scanner.observe(pid, identity=identity)  # the stat file only now
         except (ProcessGone, PermissionError):
-            return [], None, 0
+            return
+        finally:
+            gc.enable()
         if process is None:
-            return [], None, 0
+            return
+        if self._changed_meanwhile is not None:
+            self._changed_meanwhile.add(pid)
+            self.execs_during_scans += 1
         events, job = self.table.admit(process, time.time())
-        if job is None or not self.enforcing:
-            return events, None, 0
-        events += self._confine(job, [pid])  # bookkeeping; sets what was not foreseen
-        if job.cpus != foreseen:
-            confined_ns = time.monotonic_ns()
-        return events, job, confined_ns
+        if job is not None and self.enforcing:
+            events += self._confine(job, [pid])  # bookkeeping; sets what was not foreseen
+            if job.cpus != foreseen:
+                confined_ns = time.monotonic_ns()
+            self.exec_latency_us.append((confined_ns - event.timestamp_ns) / 1000)
+            if self.fences is not None:
+                self.fences.confine(job.name, (pid,), job.cpus)  # the fence follows
+        for reported in events:
+            self.reporter.emit(reported)
 
     def _escapes(self) -> list[Event]:
         """Jobs that widened their own masks since the last scan (set back already)."""
@@ -505,6 +538,7 @@ class Daemon:
             "backend_reason": self.backend_reason,
             "exec_events": source,
             "exec_events_lost": self.events_lost,
+            "exec_events_during_scans": self.execs_during_scans,
             # exec event (kernel timestamp) -> all the process's threads confined
             "exec_confine_us": latency_summary(self.exec_latency_us),
         }

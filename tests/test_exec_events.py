@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -139,6 +140,39 @@ def test_scanning_alone_notices_an_exec_into_python(
     assert daemon.wait_job(shell.pid)["pids"] == [shell.pid]
 
 
+def test_execs_during_a_long_scan_are_confined_without_waiting_for_it(
+    start_daemon: StartDaemon, processes: Processes, crowd: int
+) -> None:
+    """A crowd of idle processes makes each scan take ~20 ms, longer than a fast start
+    takes to its first statement; with a scan every 50 ms many execs land inside one."""
+    daemon = start_daemon(daemon=SLOW_SCANS | {"scan_interval": 0.05})
+    masks = first_statement_masks(processes, 20, "-S", "-I")
+    assert masks == [[JOB_CPU]] * 20
+    assert daemon.status()["host"]["exec_events_during_scans"] >= 1
+
+
+def test_a_scan_keeps_the_jobs_placed_and_ended_while_it_ran(
+    start_daemon: StartDaemon, processes: Processes, crowd: int
+) -> None:
+    """Processes forked after a scan listed /proc, exec'd and placed while it ran, are not
+    ended by its step; nor are ones that exited meanwhile placed again."""
+    daemon = start_daemon(daemon=SLOW_SCANS | {"scan_interval": 0.05})
+    alive = []
+    for _ in range(10):
+        alive.append(processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE))
+        processes.python("pass").wait(timeout=30)  # one that comes and goes
+        time.sleep(0.03)
+    time.sleep(0.3)  # several scans more
+    assert daemon.status()["host"]["exec_events_during_scans"] >= 1
+    for child in alive:
+        assert len(daemon.events("job-started", pid=str(child.pid))) == 1
+        assert daemon.events("job-ended", pid=str(child.pid)) == []
+        assert confined_to(child.pid, {JOB_CPU})
+    started = daemon.events("job-started")
+    ended = daemon.events("job-ended")
+    assert len(started) == 20 and len(ended) == 10  # each short one once, ended once
+
+
 def test_lost_events_trigger_a_rescan_that_confines_what_was_missed(
     start_daemon: StartDaemon, processes: Processes, storm: Path
 ) -> None:
@@ -186,6 +220,33 @@ def test_storm_of_unrelated_execs_with_marked_jobs_mixed_in(
     for child in marked:  # every one confined: by its exec event, or by the rescan
         wait_for(partial(confined_to, child.pid, {JOB_CPU}), timeout=3)
     assert len(marked) >= 30
+
+
+CROWD = """
+import os, signal, sys
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        signal.pause()
+        os._exit(0)
+print("ready", flush=True)
+signal.pause()
+"""
+
+
+@pytest.fixture
+def crowd() -> Iterator[int]:
+    """1,000 idle processes (forks of one, in a process group of their own, ended as one
+    group by its id): a scan reads every process, so it takes ~20 ms here."""
+    size = 1000
+    leader = subprocess.Popen(
+        [sys.executable, "-c", CROWD, str(size)], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert leader.stdout is not None and leader.stdout.readline() == b"ready\n"
+        yield size
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

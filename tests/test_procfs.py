@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corecapd.procfs import READ_SIZE, ProcessGone, ProcFS, Scanner, online_cpus
+from corecapd.procfs import READ_SIZE, SCAN_BREAK, ProcessGone, ProcFS, Scanner, online_cpus
 
 
 def test_sample_and_identity_of_this_process() -> None:
@@ -151,6 +151,12 @@ def test_scanner_reads_libraries_only_when_asked() -> None:
     libraries = second[me].libraries
     assert libraries is not None and any("libc" in name for name in libraries)
     assert scanner.scan(frozenset())[me].libraries == second[me].libraries  # remembered
+
+
+def test_a_scan_breaks_for_the_exec_path_every_few_processes() -> None:
+    breaks = []
+    seen = Scanner(ProcFS()).scan(frozenset(), lambda: breaks.append(len(breaks)))
+    assert len(seen) // SCAN_BREAK <= len(breaks) <= len(os.listdir("/proc")) // SCAN_BREAK + 1
 
 
 def test_online_cpus_matches_the_kernel() -> None:
