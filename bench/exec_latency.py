@@ -25,9 +25,12 @@ cross-check in --json), divided by the execs of the cell; RSS is VmRSS at the en
 A last phase per enforcer runs 1,000 unrelated execs (`/bin/true` from a shell loop) in a
 2.5-second window, against an equally long window without them, 3 times (medians).
 
+`--crowd N` adds N idle processes for the whole run: each scan reads every process, so on a
+host with thousands of them a scan takes tens of ms, and execs land inside scans.
+
 Needs root. Run from the repository root:
 
-    .venv/bin/python bench/exec_latency.py [--children 200] [--quick] [--json FILE]
+    .venv/bin/python bench/exec_latency.py [--children 200] [--quick] [--crowd N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ class Unavailable(Exception):
 class Reaper:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.groups: list[int] = []  # process groups of our own, killed whole
 
     def spawn(self, args: Sequence[str | Path], **kwargs: Any) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([str(arg) for arg in args], **kwargs)
@@ -143,7 +147,21 @@ class Reaper:
         with contextlib.suppress(ValueError):
             self.procs.remove(proc)
 
+    def crowd(self, size: int) -> None:
+        """`size` idle processes in a process group of their own: on a host with thousands
+        of processes each scan takes tens of ms (and an exec may land inside one)."""
+        leader = self.spawn(
+            ["sh", "-c", f"for i in $(seq {size}); do sleep 86400 & done; echo ready; wait"],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.groups.append(leader.pid)
+        assert leader.stdout is not None and leader.stdout.readline() == b"ready\n"
+
     def kill_all(self) -> None:
+        for group in self.groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
         for proc in list(self.procs):
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -868,6 +886,9 @@ def main() -> int:
     parser.add_argument(
         "--enforcers", default=",".join(ENFORCERS), help=f"subset of {','.join(ENFORCERS)}"
     )
+    parser.add_argument(
+        "--crowd", type=int, default=0, help="this many idle processes more during the run"
+    )
     parser.add_argument("--json", type=Path, help="also write every row as JSON here")
     args = parser.parse_args()
     if args.children is None:
@@ -901,6 +922,8 @@ def main() -> int:
         f" {args.overlap_ms:g} ms, + jitter 0-{args.jitter_ms:g} ms,"
         f" {args.unrelated} unrelated execs; enforcers {', '.join(selected)}"
     )
+    if args.crowd:
+        print(f"# a crowd of {args.crowd} idle processes (sleep) runs beside them")
 
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, _Signals.handler)
@@ -910,6 +933,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="corecap-bench-") as tmp:
         workdir = Path(tmp)
         try:
+            if args.crowd:
+                reaper.crowd(args.crowd)
             interp = copy_interpreter(workdir, exe_name)
             print(f"# children: {interp} (copy of {os.path.realpath(sys.executable)})")
             for name in selected:
