@@ -285,17 +285,17 @@ class Scanner:
         if sample.kernel_thread:
             return None
         cached = self._identities.get(key)
-        if identity is not None:
-            self._identities[key] = (None, identity)
-            self._libraries.pop(key, None)
-        elif cached is not None and cached[0] == sample.exec_mark:
+        if identity is None and cached is not None and cached[0] == sample.exec_mark:
             identity = cached[1]
         else:
-            identity = self.procfs.identity(pid)
-            again = self.procfs.sample(pid)
-            if (again.key, again.exec_mark) != (key, sample.exec_mark):
-                return None  # reused or exec'd while we read it: the next look sees it right
-            self._identities[key] = (sample.exec_mark, identity)
+            verified_for: int | None = None  # the exec mark it was read under
+            if identity is None:
+                identity = self.procfs.identity(pid)
+                again = self.procfs.sample(pid)
+                if (again.key, again.exec_mark) != (key, sample.exec_mark):
+                    return None  # reused or exec'd while we read it: the next look sees it
+                verified_for = sample.exec_mark
+            self._identities[key] = (verified_for, identity)
             self._libraries.pop(key, None)  # a new program maps new libraries
         if key in libraries_wanted:
             self._libraries[key] = self.procfs.libraries(pid)
