@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,9 +16,10 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
-from conftest import PYTHON, Processes, StartDaemon, wait_for
+from conftest import PYTHON, Daemon, Processes, StartDaemon, wait_for
 
 CPUS = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs: one is reserved")
@@ -140,15 +142,23 @@ def test_scanning_alone_notices_an_exec_into_python(
     assert daemon.wait_job(shell.pid)["pids"] == [shell.pid]
 
 
+def execs_during_scans(daemon: Daemon) -> int:
+    count: int = daemon.status()["host"]["exec_events_during_scans"]
+    return count
+
+
 def test_execs_during_a_long_scan_are_confined_without_waiting_for_it(
     start_daemon: StartDaemon, processes: Processes, crowd: int
 ) -> None:
     """A crowd of idle processes makes each scan take ~20 ms, longer than a fast start
-    takes to its first statement; with a scan every 50 ms many execs land inside one."""
+    takes to its first statement; with a scan every 50 ms many execs land inside one (on a
+    loaded machine fewer: children wait for a CPU while the daemon scans, so more start)."""
     daemon = start_daemon(daemon=SLOW_SCANS | {"scan_interval": 0.05})
-    masks = first_statement_masks(processes, 20, "-S", "-I")
-    assert masks == [[JOB_CPU]] * 20
-    assert daemon.status()["host"]["exec_events_during_scans"] >= 1
+    masks: list[list[int]] = []
+    while execs_during_scans(daemon) < 5:
+        assert len(masks) < 300, "hardly any exec came in during a scan"
+        masks += first_statement_masks(processes, 10, "-S", "-I")
+    assert masks == [[JOB_CPU]] * len(masks)
 
 
 def test_a_scan_keeps_the_jobs_placed_and_ended_while_it_ran(
@@ -157,20 +167,23 @@ def test_a_scan_keeps_the_jobs_placed_and_ended_while_it_ran(
     """Processes forked after a scan listed /proc, exec'd and placed while it ran, are not
     ended by its step; nor are ones that exited meanwhile placed again."""
     daemon = start_daemon(daemon=SLOW_SCANS | {"scan_interval": 0.05})
-    alive = []
-    for _ in range(10):
-        alive.append(processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE))
-        processes.python("pass").wait(timeout=30)  # one that comes and goes
-        time.sleep(0.03)
+    alive: list[subprocess.Popen[bytes]] = []
+    gone: list[subprocess.Popen[bytes]] = []
+    while not alive or execs_during_scans(daemon) < 5:  # (a status call waits for a scan)
+        assert len(alive) < 100, "hardly any exec came in during a scan"
+        for _ in range(10):
+            alive.append(processes.python("import sys; sys.stdin.read()", stdin=PIPE))
+            gone.append(processes.python("pass"))  # one that comes and goes
+            gone[-1].wait(timeout=30)
+            time.sleep(random.uniform(0, 0.05))
     time.sleep(0.3)  # several scans more
-    assert daemon.status()["host"]["exec_events_during_scans"] >= 1
     for child in alive:
         assert len(daemon.events("job-started", pid=str(child.pid))) == 1
         assert daemon.events("job-ended", pid=str(child.pid)) == []
         assert confined_to(child.pid, {JOB_CPU})
-    started = daemon.events("job-started")
-    ended = daemon.events("job-ended")
-    assert len(started) == 20 and len(ended) == 10  # each short one once, ended once
+    for child in gone:  # placed at most once (it may end before its exec event is read)
+        started = daemon.events("job-started", pid=str(child.pid))
+        assert len(started) == len(daemon.events("job-ended", pid=str(child.pid))) <= 1
 
 
 def test_lost_events_trigger_a_rescan_that_confines_what_was_missed(

@@ -52,9 +52,12 @@ def test_the_exec_paths_identity_is_read_again_by_the_next_look() -> None:
     """The exec path reads who a process is, and its parent, before the stat file; what it
     read stands for that look only (the process may have exec'd again in between)."""
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+        [sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
+        assert child.stdout is not None and child.stdout.readline() == b"\n"  # exec'd
         procfs = ProcFS()
         identity, ppid = procfs.identity_and_parent(child.pid)
         assert ppid == os.getpid() and identity == procfs.identity(child.pid)
