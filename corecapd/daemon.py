@@ -221,9 +221,12 @@ class Daemon:
         """Reconcile with all of /proc: new and gone processes, threads, drift."""
         self._next_scan = time.monotonic() + self.policy.daemon.scan_interval
         now = time.time()
+        # Exec events that come in while a scan reads /proc (tens of ms with thousands of
+        # processes) are handled at once, as between scans; `_folded_in` reconciles.
+        meanwhile = self._on_exec_events if isinstance(self.exec_events, ProcEventSocket) else None
         self._changed_meanwhile = set()
         try:
-            processes = self.scanner.scan(self.table.libraries_wanted, self._during_scan)
+            processes = self.scanner.scan(self.table.libraries_wanted, meanwhile)
         finally:
             changed, self._changed_meanwhile = self._changed_meanwhile, None
         events = self.table.step(self._folded_in(processes, changed), now)
@@ -238,12 +241,6 @@ class Daemon:
         self._save_state()
         self.reporter.notify(self._status_line())
         self.table.foresee()
-
-    def _during_scan(self) -> None:
-        """Exec events that come in while a scan reads /proc (tens of ms on a host with
-        thousands of processes) are handled at once, as between scans."""
-        if isinstance(self.exec_events, ProcEventSocket):
-            self._on_exec_events()
 
     def _folded_in(
         self, processes: dict[ProcKey, Observed], changed: set[int]
