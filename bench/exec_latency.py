@@ -664,11 +664,17 @@ def ms(value: float) -> str:
     return f"{value:.1f}"
 
 
+def confine_stats(row: Row) -> dict[str, float] | None:
+    """corecapd's own exec_confine_us summary (µs) for the cell, when it reported one."""
+    stats = (row.figures or {}).get("exec_confine_us")
+    return stats if isinstance(stats, dict) and stats.get("count") else None
+
+
 def confine_us(row: Row) -> str:
     if not row.enforcer.startswith("corecapd") or row.kind.startswith("unrelated"):
         return ""
-    stats = (row.figures or {}).get("exec_confine_us")
-    if not isinstance(stats, dict) or not stats.get("count"):
+    stats = confine_stats(row)
+    if stats is None:
         return "n/a"
     return f"{stats['p50'] / 1000:.2f}/{stats['p99'] / 1000:.2f}/{stats['max'] / 1000:.2f}"
 
@@ -727,8 +733,8 @@ def table(rows: list[Row]) -> str:
             )
     ratios = []
     for row in rows:
-        stats = (row.figures or {}).get("exec_confine_us")
-        if not isinstance(stats, dict) or not stats.get("count"):
+        stats = confine_stats(row)
+        if stats is None:
             continue
         match = [
             r
@@ -782,11 +788,7 @@ def repeat_summary(rows: list[Row]) -> str:
         "medians over repeats (min-max): first%, spawn->confined p99 ms, event->applied p99 ms",
     ]
     for (enforcer, kind, load), repeats in cells.items():
-        applied = [
-            stats["p99"] / 1000
-            for stats in ((r.figures or {}).get("exec_confine_us") for r in repeats)
-            if isinstance(stats, dict) and stats.get("count")
-        ]
+        applied = [stats["p99"] / 1000 for r in repeats if (stats := confine_stats(r))]
         parts = [
             _spread([r.first_pct for r in repeats], "{:.1f}"),
             _spread([r.p99_ms for r in repeats], "{:.1f}"),
