@@ -6,6 +6,7 @@ debootstrap, no Debian mirror to build the image from, no usable QEMU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,9 +18,16 @@ import pytest
 
 VM_SH = Path(__file__).parent / "vm" / "vm.sh"
 CANNOT = 77  # vm.sh: this machine cannot run the VM tier; the reason is its last stderr line
-VM_TIMEOUT = int(os.environ.get("CORECAP_VM_TIMEOUT", "300"))  # vm.sh's hard limit per boot
+# vm.sh's backstop for one boot-run-poweroff; its real budget follows progress (a boot budget,
+# then a bound on silence between the guest's per-test lines), see tests/vm/vm.sh.
+VM_TIMEOUT = int(os.environ.get("CORECAP_VM_TIMEOUT", "3600"))
+# Per guest test (pytest-timeout): a hung test fails alone, named, with its stack, and the
+# suite goes on. The slowest guest test takes ~45 s under TCG here; 300 s leaves room for a
+# machine twice as slow and loaded.
+GUEST_TEST_TIMEOUT = int(os.environ.get("CORECAP_VM_TEST_TIMEOUT", "300"))
 GUEST_PYTEST = (
-    "PYTHONPATH=/mnt/src PYTHONDONTWRITEBYTECODE=1 python3 -m pytest -v -rfEs"
+    "PYTHONPATH=/mnt/src PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 python3 -m pytest -v -rfEs"
+    f" --timeout={GUEST_TEST_TIMEOUT} --durations=5"
     " -p no:cacheprovider --confcutdir=/mnt/src/tests/vm tests/vm/guest_*.py"
 )
 
@@ -75,3 +83,63 @@ def test_guest_suite_passes_in_the_vm(
     skip_if_cannot(rc, err)
     assert rc == 0, f"guest tests failed (exit {rc}); guest output above:\n{out[-4000:]}\n{err}"
     assert " passed" in out and "skipped" not in out.splitlines()[-1], out[-2000:]
+
+
+def watch(ctl: Path, guest: str, **budget: int) -> tuple[str, float, bool]:
+    """vm.sh's watch_progress over a stand-in for QEMU (`guest`, a shell command in its own
+    process group writing to `ctl`): (the reason it gave, seconds taken, whether the group
+    was still alive at the end)."""
+    settings = {"BOOT_TIMEOUT": 300, "STALL_TIMEOUT": 300, "TIMEOUT": 300, **budget}
+    stand_in = subprocess.Popen(
+        ["sh", "-c", guest], cwd=ctl, start_new_session=True, stdin=subprocess.DEVNULL
+    )
+    try:
+        start = time.monotonic()
+        script = f'source "{VM_SH}"; watch_progress {stand_in.pid} "{ctl}"'
+        env = {**os.environ, **{f"CORECAP_VM_{k}": str(v) for k, v in settings.items()}}
+        watched = subprocess.run(
+            ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        took = time.monotonic() - start
+        alive = stand_in.poll() is None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stand_in.pid, signal.SIGKILL)
+        stand_in.wait()
+    return watched.stdout.strip(), took, alive
+
+
+def test_vm_budget_ends_a_guest_that_stops_printing_and_names_the_last_line(
+    tmp_path: Path,
+) -> None:
+    guest = (
+        "touch started; echo 'guest_a.py::test_one PASSED' >> run.log;"
+        " echo 'guest_a.py::test_two' >> run.log; sleep 300"
+    )
+    reason, took, alive = watch(tmp_path, guest, STALL_TIMEOUT=4)
+    assert not alive
+    assert "printed nothing for CORECAP_VM_STALL_TIMEOUT=4 s" in reason
+    assert reason.endswith("its last line: guest_a.py::test_two"), reason
+    assert took < 60
+
+
+def test_vm_budget_follows_progress_past_the_silence_bound(tmp_path: Path) -> None:
+    # prints a line every second for 10 s: longer than the silence bound, never silent
+    guest = "touch started; for i in $(seq 10); do echo line $i >> run.log; sleep 1; done"
+    reason, took, alive = watch(tmp_path, guest, STALL_TIMEOUT=4)
+    assert reason == "" and not alive
+    assert took >= 9
+
+
+def test_vm_budget_ends_a_guest_that_never_starts_the_command(tmp_path: Path) -> None:
+    reason, took, alive = watch(tmp_path, "sleep 300", BOOT_TIMEOUT=3)
+    assert not alive
+    assert "did not start the command within CORECAP_VM_BOOT_TIMEOUT=3 s" in reason
+    assert took < 60
+
+
+def test_vm_budget_has_a_backstop_for_the_whole_run(tmp_path: Path) -> None:
+    guest = "touch started; while :; do echo tick >> run.log; sleep 1; done"
+    reason, _, alive = watch(tmp_path, guest, STALL_TIMEOUT=60, TIMEOUT=5)
+    assert not alive
+    assert "passed CORECAP_VM_TIMEOUT=5 s" in reason
