@@ -7,6 +7,9 @@ With a `Topology`, the free cores are chosen together: on one NUMA node where th
 (else one package, else the fewest nodes), whole physical cores before single SMT siblings.
 With `allowed` (the process's cgroup cpuset: Slurm, Kubernetes, a container), nothing outside
 it is granted.
+
+After a restart, `keep` says whether the cores a job held before (its fence, or its mask)
+are still a grant `allocate` could make; only then does the job keep them.
 """
 
 from __future__ import annotations
@@ -44,31 +47,8 @@ def allocate(
 ) -> Grant:
     """Grant up to `requested` cores out of `eligible` (online minus reserved) and `allowed`."""
     pool = _pool(eligible, allowed, topology)
-    load: Counter[int] = Counter()
-    user_held: set[int] = set()
-    for holding in holdings:
-        load.update(holding.cpus & pool)
-        if holding.user == user:
-            user_held |= holding.cpus & eligible
-
-    notes: list[str] = []
-    size = requested
-    if size > len(pool):
-        size = len(pool)
-        if allowed is None or pool == eligible:
-            why = f"are eligible ({format_cpulist(pool)})"
-        else:
-            why = (
-                f"of the eligible CPUs ({format_cpulist(eligible)}) are within the job's"
-                f" cpuset ({format_cpulist(allowed)})"
-            )
-        notes.append(f"asked for {requested} CPUs, only {len(pool)} {why}")
-    headroom = len(pool)  # cores the user does not hold yet that this job may take
-    if user_cap is not None:
-        if size > user_cap:
-            size = user_cap
-            notes.append(f"user {user} is capped at {user_cap} CPUs")
-        headroom = max(0, user_cap - len(user_held))
+    load, user_held = _load(pool, eligible, user, holdings)
+    size, headroom, notes = _size(requested, user, pool, eligible, allowed, user_cap, user_held)
 
     # Free cores first (all of them are new to the user), as many as size and cap allow.
     free = sorted(pool - load.keys())
@@ -113,11 +93,106 @@ def allocate(
     if shared:
         busy = format_cpulist(c for c in cpus if load[c])
         notes.append(f"no free CPUs left: sharing the least loaded ({busy})")
+    return Grant(cpus=cpus, shared=shared, notes=tuple(notes + _spread(cpus, topology)))
+
+
+def keep(
+    cpus: frozenset[int],
+    requested: int,
+    user: str,
+    eligible: frozenset[int],
+    holdings: Iterable[Holding],
+    user_cap: int | None,
+    topology: Topology | None = None,
+    allowed: frozenset[int] | None = None,
+    shared_before: frozenset[int] = frozenset(),
+) -> Grant | str:
+    """`cpus`, which the job held before the daemon restarted (its fence, or its mask), as
+    its grant now, when `allocate` could have made it: inside the eligible CPUs and `allowed`,
+    of the size `allocate` would grant, within the user's cap, and sharing cores with other
+    holdings only as far as `allocate` would have to (no free core left for it) -- except the
+    cores in `shared_before`, which it shared with other jobs before the restart. Else why
+    not, for the job's notes; the caller then allocates afresh. Where it lies on the NUMA
+    nodes is not judged: a job is not moved for that."""
+    try:
+        pool = _pool(eligible, allowed, topology)
+    except ValueError as err:
+        return str(err)
+    outside = cpus - pool
+    if outside:
+        where = "eligible" if allowed is None else "eligible and within its cpuset"
+        return f"CPUs {format_cpulist(outside)} are not {where} now"
+    load, user_held = _load(pool, eligible, user, holdings)
+    size, headroom, notes = _size(requested, user, pool, eligible, allowed, user_cap, user_held)
+    if len(cpus) != size:
+        return f"that is {len(cpus)} CPUs, and its grant now is {size}"
+    if len(cpus - user_held) > headroom:
+        return f"user {user} would hold more than its cap of {user_cap} CPUs"
+    free = pool - load.keys()
+    fresh = min(size, headroom, len(free))  # the free cores `allocate` would take
+    unjustified = (cpus & load.keys()) - shared_before
+    if len(unjustified) > size - fresh:
+        return (
+            f"it would share CPUs {format_cpulist(unjustified)} with other jobs while"
+            f" CPUs {format_cpulist(free - cpus)} are free"
+        )
+    busy = format_cpulist(c for c in cpus if load[c])
+    if busy:
+        notes.append(f"kept across a restart, sharing CPUs {busy} with other jobs")
+    return Grant(cpus=cpus, shared=bool(busy), notes=tuple(notes + _spread(cpus, topology)))
+
+
+def _load(
+    pool: frozenset[int], eligible: frozenset[int], user: str, holdings: Iterable[Holding]
+) -> tuple[Counter[int], set[int]]:
+    """How many holdings use each CPU of the pool, and the eligible CPUs `user` holds."""
+    load: Counter[int] = Counter()
+    user_held: set[int] = set()
+    for holding in holdings:
+        load.update(holding.cpus & pool)
+        if holding.user == user:
+            user_held |= holding.cpus & eligible
+    return load, user_held
+
+
+def _size(
+    requested: int,
+    user: str,
+    pool: frozenset[int],
+    eligible: frozenset[int],
+    allowed: frozenset[int] | None,
+    user_cap: int | None,
+    user_held: set[int],
+) -> tuple[int, int, list[str]]:
+    """How many CPUs a grant has, how many of them may be new to the user (its headroom
+    under its cap), and why the size is smaller than asked."""
+    notes: list[str] = []
+    size = requested
+    if size > len(pool):
+        size = len(pool)
+        if allowed is None or pool == eligible:
+            why = f"are eligible ({format_cpulist(pool)})"
+        else:
+            why = (
+                f"of the eligible CPUs ({format_cpulist(eligible)}) are within the job's"
+                f" cpuset ({format_cpulist(allowed)})"
+            )
+        notes.append(f"asked for {requested} CPUs, only {len(pool)} {why}")
+    headroom = len(pool)  # cores the user does not hold yet that this job may take
+    if user_cap is not None:
+        if size > user_cap:
+            size = user_cap
+            notes.append(f"user {user} is capped at {user_cap} CPUs")
+        headroom = max(0, user_cap - len(user_held))
+    return size, headroom, notes
+
+
+def _spread(cpus: frozenset[int], topology: Topology | None) -> list[str]:
     if topology is not None:
         nodes = {topology.by_id[cpu].node for cpu in cpus}
         if len(nodes) > 1:
-            notes.append(f"spread over NUMA nodes {format_cpulist(nodes)}")
-    return Grant(cpus=cpus, shared=shared, notes=tuple(notes))
+            return [f"spread over NUMA nodes {format_cpulist(nodes)}"]
+    return []
 
 
 def _pool(

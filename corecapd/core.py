@@ -4,29 +4,33 @@
 implies: jobs started (rule matched, cores allocated, budget set), changed, ended, and
 violations begun or resolved. The daemon applies `JobTable.jobs` through an enforcement
 backend and sends the events to the journal. Processes are keyed by (pid, start time), so a
-reused PID is a new process.
+reused PID is a new process. After a restart, `adopt` (the grants found on the host) and
+`restore` (the registrations saved) come in before the first step, as data.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from corecapd.allocator import Holding, allocate
+from corecapd.allocator import Grant, Holding, allocate, keep
 from corecapd.budget import Budget, declared_budget, thread_budget
+from corecapd.cpulist import format_cpulist
 from corecapd.declaration import Registration, Settings, resolve
 from corecapd.events import (
     Event,
     JobChanged,
     JobEnded,
     JobStarted,
+    StateProblem,
     ViolationEnded,
     ViolationStarted,
 )
 from corecapd.matching import classify, classify_identity, exe_may_match, loads_library
-from corecapd.model import Identity, Observed, ProcKey
+from corecapd.model import Identity, KeptRegistration, Observed, ProcKey
 from corecapd.policy import Match, Policy, Rule
 from corecapd.protocol import EpochReport
 from corecapd.topology import Topology
@@ -39,6 +43,7 @@ EPOCHS_KEPT = 100  # per-epoch thread counts a job's Keras callback reported
 # handful of reads (~2 ms each for TensorFlow) over its life, never one per scan.
 MIN_LIBRARY_REREAD = 0.1
 EXE_VERDICTS = 4096  # distinct program names remembered by the exec path's pre-filter
+_JOB_NAME = re.compile(r"([0-9]{1,10})-([0-9]{1,20})")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class Job:
     registration: Registration | None = None  # what the job declared, if it registered
     settings: Settings | None = None  # its declaration resolved against its grant
     epochs: deque[EpochReport] = field(default_factory=lambda: deque(maxlen=EPOCHS_KEPT))
+    uid: int = -1  # of the matched process (kept with its registration across restarts)
 
     @property
     def pid(self) -> int:
@@ -114,7 +120,13 @@ class JobTable:
         self._member_pids: dict[int, ProcKey] = {}  # for the exec path, which has a ppid only
         self._exec_marks: dict[ProcKey, int] = {}  # of processes classified outside any job
         self._exe_verdicts: dict[str, bool] = {}
-        self._restored: dict[str, Registration] = {}
+        self._restored: dict[ProcKey, KeptRegistration] = {}
+        # What jobs held when the previous daemon stopped (adopt), until the next step
+        # decides which of them are kept: those it keeps count as held until placed, and
+        # those it does not say why in their job's notes.
+        self._adopted: dict[ProcKey, frozenset[int]] = {}
+        self._kept: dict[ProcKey, Holding] = {}
+        self._not_kept: dict[ProcKey, str] = {}
         self._ignored: set[ProcKey] = set()
         self._waiting: set[ProcKey] = set()  # classification may change once libraries load
         self._library_reads: dict[ProcKey, LibraryRead] = {}
@@ -137,6 +149,9 @@ class JobTable:
     def step(self, processes: Mapping[ProcKey, Observed], now: float) -> list[Event]:
         events: list[Event] = []
         alive = processes.keys()
+        self._forget_gone_restart_data(alive)
+        if self._adopted:
+            self._plan_adoption(processes)
         self._ignored &= alive
         self._waiting &= alive
         self._forget_execd(processes)
@@ -156,6 +171,9 @@ class JobTable:
         known = self._ignored | self._waiting | self._member_of.keys()
         for key in sorted(alive - known, key=lambda k: (k.start_ticks, k.pid)):
             events += self._place_new(processes[key], now)
+        if self._kept or self._not_kept:  # placed, joined a job or none; some still waiting
+            self._kept = {key: kept for key, kept in self._kept.items() if key in self._waiting}
+            self._not_kept = {k: why for k, why in self._not_kept.items() if k in self._waiting}
 
         for key in self._waiting & known & fresh_libraries:
             events += self._classify(processes[key], now)
@@ -187,7 +205,7 @@ class JobTable:
         so that the exec path can confine before it places the job (`foreseen_cpus`)."""
         if self._foreseen is not None:
             return
-        holdings = [Holding(job.user, job.cpus) for job in self.jobs.values() if job.cpus]
+        holdings = self._holdings(None)
         self._foreseen = {}
         for size in {rule.cpus for rule in self.policy.rules}:
             try:
@@ -207,8 +225,10 @@ class JobTable:
             return self.jobs[self._member_of[member]].cpus
         if self._foreseen is None or identity.cpuset is not None or pid == self.daemon_pid:
             return None
-        if any(name.startswith(f"{pid}-") for name in self._restored):
+        if any(key.pid == pid for key in self._restored):
             return None  # placed as its registration asks
+        if any(key.pid == pid for key in self._kept):
+            return None  # it keeps what it held before a restart
         if identity.user in self.policy.users:
             return None  # capped: which cores depends on what the user holds
         rule = classify_identity(identity, None, self.policy.rules).rule
@@ -234,13 +254,49 @@ class JobTable:
         job.registration = registration
         return [self._place(job, kind)], job
 
-    def restore(self, registrations: Mapping[str, Registration]) -> None:
-        """Registrations a previous daemon saved: each is applied again when its process
-        (same PID and start time, so never a reused PID) is next classified."""
-        self._restored = dict(registrations)
+    def restore(self, registrations: Mapping[str, KeptRegistration]) -> None:
+        """Registrations a previous daemon saved (job name -> registration): each is applied
+        again when its process (same PID and start time, so never a reused PID) is next
+        classified, and only if that process still runs as the uid that registered; else it
+        is dropped, and a `StateProblem` says so. Root may register, so a root process
+        that did comes back as a job; an entry can enrol no other process."""
+        self._restored = {
+            key: kept for name, kept in registrations.items() if (key := job_key(name)) is not None
+        }
 
-    def registrations(self) -> list[tuple[str, Registration]]:
-        return [(job.name, job.registration) for job in self.jobs.values() if job.registration]
+    def registrations(self) -> list[tuple[str, KeptRegistration]]:
+        return [
+            (job.name, KeptRegistration(job.uid, job.registration))
+            for job in self.jobs.values()
+            if job.registration
+        ]
+
+    def adopt(
+        self,
+        fences: Mapping[str, frozenset[int]],
+        masks: Mapping[str, frozenset[int]] | None = None,
+    ) -> None:
+        """What jobs held when a previous daemon stopped (job name -> CPUs), found on the
+        host before the first step: the fences it left, and processes' current masks (with
+        the affinity backend they are all it left; a fence counts over a mask). A process
+        that becomes a job keeps those CPUs when they are still a grant the policy allows
+        (`allocator.keep`: within the eligible CPUs and its cpuset, of the size its rule
+        grants, within its user's cap); else it is placed afresh and its notes say why.
+        Cores adopted grants share were shared before the restart, and stay so; new jobs
+        get the free cores. The next step decides for all of them at once
+        (`_plan_adoption`)."""
+        self._adopted = {
+            key: cpus
+            for grants in (masks or {}, fences)
+            for name, cpus in grants.items()
+            if cpus and (key := job_key(name)) is not None
+        }
+        self._kept, self._not_kept = {}, {}
+
+    def kept_for_later(self) -> frozenset[str]:
+        """Names of processes that keep an adopted grant once a rule takes them (waiting
+        for their libraries to be read): their fences are not let go meanwhile."""
+        return frozenset(f"{key.pid}-{key.start_ticks}" for key in self._kept)
 
     def job_of(self, pid: int) -> Job | None:
         key = self._member_pids.get(pid)
@@ -274,10 +330,71 @@ class JobTable:
     def _place_new(self, process: Observed, now: float) -> list[Event]:
         """A child of a job's process joins that job; anything else is classified."""
         parent = self._member_pids.get(process.sample.ppid)
-        if parent is not None:
+        if parent is not None and process.key not in self._restored:
             self._join(self.jobs[self._member_of[parent]], process.key)
             return []
-        return self._classify(process, now)
+        return self._classify(process, now)  # a job's child that registered: a job of its own
+
+    def _forget_gone_restart_data(self, alive: Iterable[ProcKey]) -> None:
+        """Saved registrations and adopted grants of processes that are gone never apply."""
+        if self._restored:
+            self._restored = {k: r for k, r in self._restored.items() if k in alive}
+        if self._adopted:
+            self._adopted = {k: a for k, a in self._adopted.items() if k in alive}
+        if self._kept:
+            self._kept = {k: kept for k, kept in self._kept.items() if k in alive}
+
+    def _plan_adoption(self, processes: Mapping[ProcKey, Observed]) -> None:
+        """Which adopted grants their jobs keep, decided for all of them before any job is
+        placed: oldest first, each against those kept before it, by `allocator.keep`. One
+        that cannot be kept then never makes another move, and new jobs (placed in the same
+        step) see every kept grant as held, so they get the free cores."""
+        adopted, self._adopted = self._adopted, {}
+        holdings = self._holdings(None)
+        kept_cores: set[int] = set()  # of the grants kept: shared before, if shared
+        in_jobs = set(self._member_pids)
+        for key in sorted(adopted, key=lambda k: (k.start_ticks, k.pid)):
+            process, held = processes[key], adopted[key]
+            restored = self._restored.get(key)
+            registration = None
+            if restored is not None and restored.uid == process.identity.uid:
+                registration = restored.registration
+            if registration is None and process.sample.ppid in in_jobs:
+                in_jobs.add(key.pid)
+                continue  # it will join its parent's job
+            rule = self._rule_at_restart(process)
+            if rule is None and registration is not None:
+                rule = self._registered_rule()
+            if rule is None:
+                continue
+            in_jobs.add(key.pid)
+            limits = self.policy.users.get(process.identity.user)
+            kept = keep(
+                held,
+                self._requested(rule, registration)[0],
+                process.identity.user,
+                self.eligible_cpus,
+                holdings,
+                limits.max_cpus if limits else None,
+                topology=self.topology,
+                allowed=process.identity.cpuset,
+                shared_before=held & kept_cores,
+            )
+            if isinstance(kept, str):
+                self._not_kept[key] = _placed_afresh(held, kept)
+                continue
+            self._kept[key] = Holding(process.identity.user, held)
+            holdings.append(self._kept[key])
+            kept_cores |= held
+
+    def _rule_at_restart(self, process: Observed) -> Rule | None:
+        """The rule of a process a previous daemon may have left in a job, as far as can
+        be told before its libraries are read: a rule's `loads` counts as met."""
+        if process.sample.kernel_thread or process.key.pid == self.daemon_pid:
+            return None
+        loaded = frozenset(name for rule in self.policy.rules for name in rule.match.loads)
+        libraries = loaded | (process.libraries or frozenset())
+        return classify_identity(process.identity, libraries, self.policy.rules).rule
 
     def _forget_execd(self, processes: Mapping[ProcKey, Observed]) -> None:
         """Processes that exec'd since they were classified are classified again."""
@@ -327,9 +444,18 @@ class JobTable:
 
     def _classify(self, process: Observed, now: float) -> list[Event]:
         key = process.key
-        restored = self._restored.pop(f"{key.pid}-{key.start_ticks}", None)
+        events: list[Event] = []
+        restored = self._restored.pop(key, None)
         if restored is not None:
-            return self.register(process, restored, now)[0]
+            if restored.uid == process.identity.uid:
+                return self.register(process, restored.registration, now)[0]
+            events.append(
+                StateProblem(
+                    error=f"the saved registration of job {key.pid}-{key.start_ticks} was made"
+                    f" by uid {restored.uid}; its process runs as uid {process.identity.uid}:"
+                    " not applied"
+                )
+            )
         job = self.jobs.get(key)
         found = self._rule_for(process, job)
         if found is None:
@@ -337,10 +463,10 @@ class JobTable:
                 return self._end(job, now, "no rule matches any more", tuple(self._pids(job)))
             if key not in self._waiting:
                 self._ignored.add(key)
-            return []
+            return events
         if job is None:
             job = self._new_job(process, found)
-            return [self._place(job, JobStarted)]
+            return [*events, self._place(job, JobStarted)]
         self._note_libraries(job, process)
         if found != job.rule:
             job.rule = found
@@ -356,6 +482,7 @@ class JobTable:
             members=set(),
             threads=process.sample.threads,
             cpuset=process.identity.cpuset,
+            uid=process.identity.uid,
         )
         self.jobs[job.id] = job
         self._join(job, job.id)
@@ -402,28 +529,41 @@ class JobTable:
     def _place(self, job: Job, event: type[JobStarted]) -> JobStarted:
         """Allocate cores and set the budget for `job` as its rule now says."""
         self._foreseen = None
-        holdings = [
-            Holding(other.user, other.cpus)
-            for other in self.jobs.values()
-            if other is not job and other.cpus
-        ]
+        kept = self._kept.pop(job.id, None)
+        holdings = self._holdings(job)
         limits = self.policy.users.get(job.user)
-        requested, notes = job.rule.cpus, tuple[str, ...]()
-        asked = job.registration.declaration.cpus if job.registration else None
-        if asked is not None:
-            requested = min(asked, job.rule.cpus)
-            if asked > job.rule.cpus:
-                notes = (f"asked for {asked} CPUs, rule {job.rule.name} allows {job.rule.cpus}",)
-        try:
-            grant = allocate(
+        cap = limits.max_cpus if limits else None
+        requested, notes = self._requested(job.rule, job.registration)
+        if job.id in self._not_kept:
+            notes += (self._not_kept.pop(job.id),)
+        grant: Grant | None = None
+        if kept is not None:  # checked again: its rule may differ from the one foreseen
+            found = keep(
+                kept.cpus,
                 requested,
                 job.user,
                 self.eligible_cpus,
                 holdings,
-                limits.max_cpus if limits else None,
+                cap,
                 topology=self.topology,
                 allowed=job.cpuset,
+                shared_before=kept.cpus,  # shared as `_plan_adoption` allowed
             )
+            if isinstance(found, str):
+                notes += (_placed_afresh(kept.cpus, found),)
+            else:
+                grant = found
+        try:
+            if grant is None:
+                grant = allocate(
+                    requested,
+                    job.user,
+                    self.eligible_cpus,
+                    holdings,
+                    cap,
+                    topology=self.topology,
+                    allowed=job.cpuset,
+                )
             job.cpus, job.notes = grant.cpus, notes + grant.notes
         except ValueError as err:  # its outer cpuset holds only CPUs reserved here
             assert job.cpuset is not None
@@ -438,6 +578,28 @@ class JobTable:
             notes=job.notes,
             enforced=self.enforcing,
         )
+
+    def _requested(
+        self, rule: Rule, registration: Registration | None
+    ) -> tuple[int, tuple[str, ...]]:
+        """How many CPUs the job asks for: its rule's, or fewer if it declared fewer."""
+        asked = registration.declaration.cpus if registration else None
+        if asked is None:
+            return rule.cpus, ()
+        if asked > rule.cpus:
+            return rule.cpus, (f"asked for {asked} CPUs, rule {rule.name} allows {rule.cpus}",)
+        return asked, ()
+
+    def _holdings(self, job: Job | None) -> list[Holding]:
+        """The cores held, but for `job`'s own: by jobs, and by the grants jobs keep across
+        a restart that are not placed yet (so new jobs get the free cores)."""
+        holdings = [
+            Holding(other.user, other.cpus)
+            for other in self.jobs.values()
+            if other is not job and other.cpus
+        ]
+        holdings += [kept for key, kept in self._kept.items() if job is None or key != job.id]
+        return holdings
 
     def _set_budget(self, job: Job) -> None:
         """Declared, else the rule's max_threads, else derived from the cores."""
@@ -546,6 +708,11 @@ class JobTable:
         return []
 
 
+def _placed_afresh(held: frozenset[int], why: str) -> str:
+    """The note of a job that could not keep what it held before a restart."""
+    return f"held CPUs {format_cpulist(held)} before corecapd restarted, but {why}: placed afresh"
+
+
 def job_facts(job: Job) -> dict[str, Any]:
     """The fields every job event carries (corecapd.events.JobEvent)."""
     return dict(
@@ -556,6 +723,13 @@ def job_facts(job: Job) -> dict[str, Any]:
         threads=job.threads,
         budget=job.budget.threads,
     )
+
+
+def job_key(name: str) -> ProcKey | None:
+    """The process a job name ("<pid>-<start ticks>", `Job.name`) stands for; None if it is
+    no such name."""
+    found = _JOB_NAME.fullmatch(name)
+    return None if found is None else ProcKey(int(found[1]), int(found[2]))
 
 
 def eligible_cpus(policy: Policy, online_cpus: frozenset[int]) -> frozenset[int]:

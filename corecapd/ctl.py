@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,14 @@ from typing import Any
 from corecapd.client import DaemonUnreachable, call
 from corecapd.cpulist import format_cpulist
 from corecapd.policy import DEFAULT_POLICY_PATH, DEFAULT_SOCKET, PolicyError, load_policy
+from corecapd.preflight import check_policy_file
 from corecapd.protocol import ProtocolError, RemoteError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a user name a terminal cannot encode
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return int(args.run(args))
     except (DaemonUnreachable, RemoteError, ProtocolError) as err:
@@ -95,12 +100,19 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """The policy file checked as corecapd checks it at start (corecapd.preflight), on this
+    host: every error on stderr, one per line with its place, then how many; or OK and
+    what was found on this host."""
     try:
-        policy = load_policy(args.file)
+        checked = check_policy_file(args.file, as_daemon=False)
     except PolicyError as err:
-        print(f"corecapctl: {err}", file=sys.stderr)
+        print(err.counted(), file=sys.stderr)
         return 1
+    policy = checked.policy
     print(f"{args.file}: OK, {len(policy.rules)} rules, mode {policy.daemon.mode}")
+    print("on this host, as corecapd would start with it:")
+    for finding in checked.host_check.findings:
+        print(f"  {finding}")
     return 0
 
 
@@ -109,7 +121,45 @@ def _reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def visible(text: str) -> str:
+    """`text` safe for a terminal: control characters (C0 with newline and escape, DEL,
+    C1), format characters (bidirectional overrides), line and paragraph separators and
+    lone surrogates as visible escapes (`\\x1b`, `\\u202e`), the rest as it is.
+
+    Thread names, environment values and command lines are whatever a job chose: printed
+    raw, they could retitle root's terminal, clear it, or forge a line of output."""
+    if text.isprintable():
+        return text  # the common case, in C (isprintable is False for every class below)
+    return "".join(
+        _escape(char) if unicodedata.category(char) in _UNPRINTED else char for char in text
+    )
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+# Unicode categories escaped: control (C0, DEL, C1), format, surrogate, private use,
+# unassigned, line and paragraph separators.
+_UNPRINTED = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _visible_document(value: Any) -> Any:
+    """Every string of a reply, keys too, through `visible` (replies nest a few levels)."""
+    if isinstance(value, str):
+        return visible(value)
+    if isinstance(value, dict):
+        return {_visible_document(k): _visible_document(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_visible_document(item) for item in value]
+    return value
+
+
 def format_status(document: dict[str, Any]) -> str:
+    document = _visible_document(document)
     host = document["host"]
     reserved = format_cpulist(host["reserved_cpus"]) or "none"
     lines = [
@@ -137,6 +187,7 @@ def format_status(document: dict[str, Any]) -> str:
 
 
 def format_explanation(report: dict[str, Any]) -> str:
+    report = _visible_document(report)
     declared = report["declared"]
     lines = [
         f"PID {report['pid']} (job {report['job']}, rule {report['rule']}): {report['state']},"
@@ -172,6 +223,7 @@ def format_explanation(report: dict[str, Any]) -> str:
 def format_violations(records: list[dict[str, Any]]) -> str:
     if not records:
         return "no violations recorded"
+    records = _visible_document(records)
     rows = [
         [
             str(r["pid"]),
@@ -187,6 +239,7 @@ def format_violations(records: list[dict[str, Any]]) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    rows = [[visible(cell) for cell in row] for row in rows]  # visible() is idempotent
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     right = {0}  # PIDs read best right-aligned, like ps
     return [

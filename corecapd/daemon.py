@@ -21,23 +21,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from corecapd import __version__
-from corecapd.core import Job, JobTable, eligible_cpus, job_facts
-from corecapd.cpulist import format_cpulist
+from corecapd.core import Job, JobTable, job_facts
 from corecapd.declaration import Registration
 from corecapd.diagnosis import THREADING_VARIABLES, Diagnosis, Evidence, JobFacts, diagnose
-from corecapd.enforcement import (
-    AffinityBackend,
-    Backend,
-    EnforcementError,
-    Host,
-    NoBackend,
-    choose_backend,
-)
+from corecapd.enforcement import AffinityBackend, Backend, EnforcementError
 from corecapd.events import (
     DaemonStarted,
+    DaemonStopped,
     EnforcementFailed,
     Event,
     ExecEventsLost,
@@ -51,20 +44,20 @@ from corecapd.events import (
     ViolationStarted,
 )
 from corecapd.journal import Reporter, under_journal
-from corecapd.model import Observed, ProcKey
+from corecapd.model import KeptRegistration, Observed, ProcKey
 from corecapd.policy import DEFAULT_POLICY_PATH, Policy, PolicyError, load_policy
+from corecapd.preflight import check_host, check_policy_file
 from corecapd.proc_events import EventsLost, ProcEvent, ProcEventSocket
-from corecapd.procfs import ProcessGone, ProcFS, Scanner, online_cpus
+from corecapd.procfs import ProcessGone, Scanner
 from corecapd.protocol import CommandFailed, Request
 from corecapd.server import Peer, SocketServer
-from corecapd.state import StateError, load_state, save_state
+from corecapd.state import STATE_FILE, StateError, load_state, save_state
 from corecapd.status import (
     grant_document,
     latency_summary,
     status_document,
     violations_document,
 )
-from corecapd.topology import Topology, TopologyError, read_topology
 
 # Policy keys that only a restart applies: the socket, the backend and the event source.
 RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority", "cgroup", "state_dir")
@@ -113,16 +106,6 @@ def _attempt(operation: Callable[[], object]) -> str | None:
     return None
 
 
-def check_fits_host(policy: Policy, online: frozenset[int]) -> None:
-    """What only this host can tell: whether the policy leaves any CPU for jobs."""
-    if not eligible_cpus(policy, online):
-        reserved = format_cpulist(policy.daemon.reserved_cpus)
-        raise PolicyError(
-            f"{policy.source}: daemon.reserved_cpus = {reserved!r}"
-            f" leaves no CPU for jobs on this host (online CPUs: {format_cpulist(online)})"
-        )
-
-
 class Daemon:
     def __init__(
         self,
@@ -144,7 +127,7 @@ class Daemon:
         self.backend_reason = backend_reason  # why this fence: configured, or auto's reasons
         self.fences = FenceWorker(fence, self._fence_failed) if fence is not None else None
         self._fence_errors: set[tuple[str, str]] = set()
-        self._saved: list[tuple[str, Registration]] = []
+        self._saved: list[tuple[str, KeptRegistration]] = []
         self.state_problem: str | None = None  # why a previous daemon's state was not used
         self.table = table
         self.reporter = reporter
@@ -156,6 +139,7 @@ class Daemon:
         self._changed_meanwhile: set[int] | None = None  # while a scan runs: PIDs events changed
         self._failed: set[ProcKey] = set()  # jobs whose enforcement error was reported
         self._stop = asyncio.Event()
+        self._stop_reason = "an error in the main loop"  # until stop() says otherwise
         self._wake = asyncio.Event()
         self._next_scan = 0.0
 
@@ -167,7 +151,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(stop_signal, self.stop)
+            loop.add_signal_handler(stop_signal, self.stop, stop_signal.name)
         await self.server.start()
         self.reporter.emit(
             DaemonStarted(
@@ -184,8 +168,9 @@ class Daemon:
             loop.add_reader(self.exec_events.fileno(), self._on_exec_events)
         else:
             self.reporter.emit(ExecEventsUnavailable(reason=self.exec_events))
+        left = self._adopt()
         self.scan()
-        self._release_orphaned_fences()
+        self._release_orphaned_fences(left)
         # Everything built so far lives as long as the daemon: keep it out of the garbage
         # collector's full passes, which otherwise land on the exec path as p99 pauses.
         gc.freeze()
@@ -206,6 +191,7 @@ class Daemon:
                     await asyncio.wait_for(self._wake.wait(), max(timeout, 0))
         finally:
             self.reporter.notify("STOPPING=1")
+            self.reporter.emit(DaemonStopped(reason=self._stop_reason, jobs=len(self.table.jobs)))
             if isinstance(self.exec_events, ProcEventSocket):
                 loop.remove_reader(self.exec_events.fileno())
                 self.exec_events.close()
@@ -213,7 +199,8 @@ class Daemon:
             if self.fences is not None:
                 self.fences.close()
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "asked to stop") -> None:
+        self._stop_reason = reason
         self._stop.set()
         self._wake.set()
 
@@ -287,6 +274,10 @@ class Daemon:
                 if event.exec:
                     self._admit(event)
                     continue
+                if self.table.job_of(event.pid) is not None and self.scanner.procfs.lives_on(
+                    event.pid
+                ):
+                    continue  # only its leader thread exited; scans see the process's end
                 if self._changed_meanwhile is not None:
                     self._changed_meanwhile.add(event.pid)
                 self._release_ended(self.table.exited(event.pid, time.time()))
@@ -369,16 +360,27 @@ class Daemon:
             self._fence_errors.add((job, error))
             self.reporter.emit(FenceFailed(job=job, error=error))
 
-    def _release_orphaned_fences(self) -> None:
-        """Fences a previous daemon left whose job is gone; the others it confines again."""
+    def _adopt(self) -> dict[str, frozenset[int]]:
+        """Before the first scan: what jobs held when a previous daemon stopped (the fences
+        it left, and processes' masks), for the table to keep where the policy still allows
+        (`JobTable.adopt`). Returns the fences, for `_release_orphaned_fences`."""
+        if not self.enforcing:
+            return {}
+        left: dict[str, frozenset[int]] = {}
+        if self.fences is not None:
+            try:
+                left = self.fences.backend.adopt()
+            except EnforcementError as err:  # e.g. the system bus did not answer
+                self.reporter.emit(FenceFailed(job="(adopting fences)", error=str(err)))
+        self.table.adopt(left, self.affinity.adopt())
+        return left
+
+    def _release_orphaned_fences(self, left: dict[str, frozenset[int]]) -> None:
+        """After the first scan: fences a previous daemon left (`left`, from `_adopt`) whose
+        job is gone; the others the scan confined again."""
         if self.fences is None or not self.enforcing:
             return
-        current = {job.name for job in self.table.jobs.values()}
-        try:
-            left = self.fences.backend.adopt()
-        except EnforcementError as err:  # e.g. the system bus did not answer
-            self.reporter.emit(FenceFailed(job="(adopting fences)", error=str(err)))
-            return
+        current = {job.name for job in self.table.jobs.values()} | self.table.kept_for_later()
         for job in left.keys() - current:
             self.fences.release(job, ())
 
@@ -388,29 +390,58 @@ class Daemon:
         return f"{self.affinity.describe()} + {self.fences.backend.describe()}"
 
     def reload(self) -> str:
-        """Swap in the policy file's current content, or keep the old one and say why."""
+        """Swap in the policy file's current content, or keep the old one and say why.
+        READY=1 follows RELOADING=1 whatever happens in between (systemd waits for it).
+
+        Raises:
+            CommandFailed: the policy was rejected (every reason, one per line); the policy
+                in force stays.
+        """
         self.reporter.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            policy = load_policy(self.policy_path)
-            check_fits_host(policy, self.table.online_cpus)
-        except PolicyError as err:
-            self.reporter.emit(PolicyRejected(policy=str(self.policy_path), error=str(err)))
+            return self._reload()
+        finally:
             self.reporter.notify("READY=1", self._status_line())
-            raise CommandFailed(f"reload rejected, the policy in force stays: {err}") from None
+
+    def _reload(self) -> str:
+        try:
+            policy = load_policy(self.policy_path)
+            checked = check_host(policy, self.affinity.host, in_force=self.policy.daemon)
+            if checked.problems:
+                raise PolicyError(*(f"{policy.source}: {problem}" for problem in checked.problems))
+        except PolicyError as err:
+            self._reject(err.errors)
+        except Exception as err:  # a flaw in the checks: the policy in force stays
+            self._reject([f"{self.policy_path}: cannot be checked: {type(err).__name__}: {err}"])
         restart_only = [
             key
             for key in RESTART_ONLY
             if getattr(policy.daemon, key) != getattr(self.policy.daemon, key)
         ]
-        self.policy = policy
-        self.table.enforcing = self.enforcing
-        self.table.replace_policy(policy)
+        in_force = self.policy
+        try:
+            self._apply_policy(policy)
+        except Exception as err:  # a flaw in applying it: back to the policy in force
+            self._apply_policy(in_force)
+            self._reject([f"{self.policy_path}: cannot be applied: {type(err).__name__}: {err}"])
         self.reporter.emit(PolicyReloaded(policy=policy.source, rules=len(policy.rules)))
         self.scan()
-        self.reporter.notify("READY=1", self._status_line())
         if restart_only:
             return f"reloaded; daemon.{', daemon.'.join(restart_only)} take effect at restart"
         return "reloaded"
+
+    def _apply_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        self.table.enforcing = self.enforcing
+        self.table.replace_policy(policy)
+
+    def _reject(self, errors: Sequence[str]) -> NoReturn:
+        """Report a rejected reload: every error in one event (one line: "; " between
+        them, as the stderr log has a line per event), and to the caller one per line."""
+        joined = "; ".join(errors)
+        self.reporter.emit(PolicyRejected(policy=str(self.policy_path), error=joined))
+        said = joined if len(errors) == 1 else f"{len(errors)} errors\n" + "\n".join(errors)
+        raise CommandFailed(f"reload rejected, the policy in force stays: {said}")
 
     def _reload_on_signal(self) -> None:
         with contextlib.suppress(CommandFailed):  # reload() has reported it already
@@ -441,6 +472,7 @@ class Daemon:
                 )
             return grant
         if request.command == "report" and request.report is not None:
+            self._caller(peer, "reported")
             job = self.table.job_of(peer.pid)
             if job is None:
                 raise CommandFailed(f"PID {peer.pid} is in no job: register first")
@@ -450,14 +482,23 @@ class Daemon:
             return self._explain(request.pid)
         raise CommandFailed(f"unhandled command {request.command!r}")
 
-    def _register(self, registration: Registration, peer: Peer) -> dict[str, Any]:
-        """The caller (by SO_PEERCRED, never by what it says) declares itself a job."""
+    def _caller(self, peer: Peer, doing: str) -> Observed:
+        """The process that made the connection, read now; CommandFailed when it is gone
+        (its PID may be another process's by now) or runs as another user."""
         try:
             process = self.scanner.observe(peer.pid)
+            uid = self.scanner.procfs.identity(peer.pid).uid  # now: observe() may cache it
         except (ProcessGone, PermissionError):
             process = None
         if process is None:
-            raise CommandFailed(f"PID {peer.pid} cannot be read in /proc: nothing to register")
+            raise CommandFailed(f"PID {peer.pid} cannot be read in /proc: nothing {doing}")
+        peer.confirm(process.key.start_ticks, uid, doing)  # after the reads: they were its
+        return process
+
+    def _register(self, registration: Registration, peer: Peer) -> dict[str, Any]:
+        """The caller (by SO_PEERCRED and its pidfd, never by what it says) declares
+        itself a job."""
+        process = self._caller(peer, "registered")
         events, job = self.table.register(process, registration, time.time())
         if self.enforcing:
             events += self._enforce(job, sorted(key.pid for key in job.members))
@@ -472,9 +513,17 @@ class Daemon:
         if registrations == self._saved:
             return
         try:
-            save_state(Path(self.policy.daemon.state_dir), registrations)
+            left_out = save_state(Path(self.policy.daemon.state_dir), registrations)
         except OSError as err:
             self.reporter.emit(StateProblem(error=f"{self.policy.daemon.state_dir}: {err}"))
+        else:
+            if left_out:
+                self.reporter.emit(
+                    StateProblem(
+                        error=f"{left_out} of {len(registrations)} registrations left out of"
+                        f" {self.policy.daemon.state_dir}/{STATE_FILE}: beyond its limits"
+                    )
+                )
         self._saved = registrations
 
     def _explain(self, pid: int) -> dict[str, Any]:
@@ -556,21 +605,20 @@ def _watchdog_interval() -> float | None:
 
 
 def build(config: Path) -> Daemon:
-    policy = load_policy(config)
-    topology: Topology | None
-    try:
-        topology = read_topology()
-        online = topology.online
-    except TopologyError as err:  # odd sysfs (some containers): allocate by CPU id alone
-        print(f"corecapd: CPU topology unreadable, allocating without it: {err}", file=sys.stderr)
-        topology, online = None, online_cpus()
-    check_fits_host(policy, online)
-    procfs = ProcFS(own_cgroup=policy.daemon.cgroup)
-    host = Host(procfs, online, cgroup=policy.daemon.cgroup)
-    try:
-        chosen, why = choose_backend(policy.daemon.backend, host)
-    except NoBackend as err:
-        raise StartupError(str(err)) from None
+    """The daemon for the policy at `config`, checked as `corecapctl check` checks it.
+
+    Raises:
+        PolicyError: every problem of the policy, or of the policy on this host.
+        StartupError: SCHED_FIFO refused after all.
+    """
+    checked = check_policy_file(config)
+    policy, topology, host = checked.policy, checked.topology, checked.host
+    online, procfs = host.online_cpus, host.procfs
+    if topology is None:
+        print(f"corecapd: {checked.host_check.findings[0]}", file=sys.stderr)
+    chosen, why = checked.host_check.backend, checked.host_check.backend_reason
+    if chosen is None:  # cannot be: a policy whose backend cannot work is refused above
+        raise StartupError(f"daemon.backend = {policy.daemon.backend!r}: not checked")
     if policy.daemon.realtime_priority:
         _run_realtime(policy.daemon.realtime_priority)
     table = JobTable(
@@ -629,7 +677,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         daemon = build(args.config)
-    except (PolicyError, StartupError, OSError) as err:
+    except PolicyError as err:
+        for line in err.errors:  # every problem, one per line, then how many
+            print(f"corecapd: {line}", file=sys.stderr)
+        if len(err.errors) > 1:
+            print(f"corecapd: {len(err.errors)} errors in {args.config}", file=sys.stderr)
+        return 1
+    except (StartupError, OSError) as err:
         print(f"corecapd: {err}", file=sys.stderr)
         return 1
     try:

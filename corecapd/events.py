@@ -56,6 +56,23 @@ class DaemonStarted(Event):
 
 
 @dataclass(frozen=True)
+class DaemonStopped(Event):
+    kind = "daemon-stopped"
+    message_id = "f5ec179371dd4d13a3d7b9ab7f747d6b"
+    reason: str  # what stopped it, e.g. "SIGTERM"
+    jobs: int  # jobs held at the stop; their masks and fences stay for the next corecapd
+
+    def message(self) -> str:
+        return (
+            f"corecapd stopped ({self.reason}): {self.jobs} jobs keep their masks and fences"
+            " for the next corecapd to take over"
+        )
+
+    def fields(self) -> dict[str, str]:
+        return {"CORECAP_REASON": self.reason, "CORECAP_JOBS": str(self.jobs)}
+
+
+@dataclass(frozen=True)
 class PolicyReloaded(Event):
     kind = "policy-reloaded"
     message_id = "559675ee84bd4ebe9925755b2f66486e"

@@ -11,7 +11,8 @@
 process to the grant, and sizes TensorFlow's intra-op and inter-op pools, tf.data, and the
 BLAS / OpenMP pools to it: through the environment for what has not started yet, through
 `tf.config.threading` and threadpoolctl for what has. Without a daemon it applies the same
-settings to the CPUs this process already has, and warns once.
+settings to the CPUs this process already has, and warns once; so does a daemon that
+refuses (busy: too many connections open).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from corecapd.client import DaemonUnreachable, call
 from corecapd.declaration import Declaration, Pool, Settings, declaration_from, resolve
 from corecapd.diagnosis import THREADING_VARIABLES
 from corecapd.policy import DEFAULT_SOCKET
-from corecapd.protocol import RemoteError
+from corecapd.protocol import ProtocolError, RemoteError
 
 # What `corecap run` leaves in the environment for the library in the job to find.
 GRANT_VARIABLES = {
@@ -83,7 +84,7 @@ class Plan:
                 if plan.daemon is not None:
                     try:
                         call(Path(plan.daemon), "report", epoch=epoch, threads=threads)
-                    except (DaemonUnreachable, RemoteError) as err:
+                    except (DaemonUnreachable, RemoteError, ProtocolError) as err:
                         _warn_once(f"thread counts not reported to corecapd: {err}")
 
         return ThreadCountCallback()
@@ -154,11 +155,15 @@ def _ask_daemon(
             tensorflow_initialized=initialized,
             pools=[{"layer": p.layer, "threads": p.threads} for p in _pools()],
         )
-    except DaemonUnreachable as err:
+    except (DaemonUnreachable, RemoteError, ProtocolError) as err:
+        # No daemon, or one that refused (busy, or this process is not what it expects):
+        # the job runs all the same, sized to the CPUs it has.
         own = sorted(os.sched_getaffinity(0))
         cpus = own[: declaration.cpus] if declaration.cpus else own
-        _warn_once(f"{err}; applying the settings to this process's CPUs {cpus} only")
-        return cpus, ["standalone: no daemon"], None
+        why = f"corecapd refused: {err}" if isinstance(err, RemoteError) else str(err)
+        _warn_once(f"{why}; applying the settings to this process's CPUs {cpus} only")
+        note = "no daemon" if isinstance(err, DaemonUnreachable) else why
+        return cpus, [f"standalone: {note}"], None
     return list(grant["cpus"]), list(grant["notes"]), str(path)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
-from corecapd.job import GRANT_VARIABLES, register
+from corecapd.job import GRANT_VARIABLES, CorecapWarning, register
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,14 +33,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not job:
         parser.error("run: give the command after --, e.g. corecap run --cpus 2 -- python train.py")
 
-    plan = register(
-        cpus=args.cpus,
-        intra_op=args.intra_op,
-        inter_op=args.inter_op,
-        data_workers=args.data_workers,
-        blas=args.blas,
-        socket=args.socket,
-    )
+    # No daemon, or one that refuses (busy): the job runs all the same; say why, one line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CorecapWarning)
+        plan = register(
+            cpus=args.cpus,
+            intra_op=args.intra_op,
+            inter_op=args.inter_op,
+            data_workers=args.data_workers,
+            blas=args.blas,
+            socket=args.socket,
+        )
+    for warning in caught:
+        print(
+            f"corecap: warning: {str(warning.message).removeprefix('corecapd: ')}", file=sys.stderr
+        )
     settings = plan.settings
     os.environ["CORECAP_CPUS"] = ",".join(map(str, plan.cpus))
     for name, variable in GRANT_VARIABLES.items():

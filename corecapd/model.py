@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from corecapd.declaration import Registration
+
 
 class ProcKey(NamedTuple):
     """A process's identity: a PID alone is reused, a PID with its start time is not.
@@ -56,3 +58,13 @@ class Observed:
     @property
     def key(self) -> ProcKey:
         return self.sample.key
+
+
+@dataclass(frozen=True)
+class KeptRegistration:
+    """A registration as kept across daemon restarts: what the job declared, and the uid its
+    process had when it registered. A restarted daemon applies it again only to the same
+    process (PID and start time, the job's name) still running as that uid."""
+
+    uid: int
+    registration: Registration

@@ -6,14 +6,16 @@ Pure apart from `load_policy`, which reads the file. Every key is documented in
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from corecapd.cpulist import CpuListError, parse_cpulist
+from corecapd.cpulist import CpuListError, parse_cpulist, shown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,6 +24,8 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 DEFAULT_POLICY_PATH = Path("/etc/corecap.toml")
 DEFAULT_SOCKET = "/run/corecap/corecap.sock"
+MAX_POLICY_BYTES = 1 << 20  # a policy is a few kB; a larger file is a mistake (or /dev/zero)
+MAX_SOCKET_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes with its terminating NUL
 
 Mode = Literal["enforce", "monitor"]
 MODES: tuple[Mode, ...] = ("enforce", "monitor")
@@ -29,7 +33,20 @@ BACKENDS = ("auto", "affinity", "cgroup1", "cgroup2", "systemd")
 
 
 class PolicyError(ValueError):
-    """A policy that cannot be used; the message names the file and the place."""
+    """A policy that cannot be used: every problem found, each one line that starts with the
+    file's name and then says where (`file:line:column: ` or `file: key.path: `) and what.
+
+    `errors` holds the lines; `str()` is all of them, one per line (one error: one line).
+    """
+
+    def __init__(self, *errors: str) -> None:
+        super().__init__("\n".join(errors))
+        self.errors: tuple[str, ...] = errors
+
+    def counted(self) -> str:
+        """The errors one per line, then how many there were ("2 errors in this policy")."""
+        count = len(self.errors)
+        return f"{self}\n{count} error{'s' if count != 1 else ''} in this policy"
 
 
 @dataclass(frozen=True)
@@ -86,13 +103,43 @@ class Policy:
 
 
 def load_policy(path: Path) -> Policy:
+    """The policy in the file at `path`.
+
+    Raises:
+        PolicyError: the file cannot be read (missing, not a regular file, over
+            MAX_POLICY_BYTES), is not UTF-8 (line and column of the first bad byte), is not
+            TOML (line and column), or breaks the schema (every key path that does).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        # O_NONBLOCK: a FIFO in its place must not hang a reload; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise PolicyError(f"{path}: cannot read policy: {what}")
+            with os.fdopen(fd, "rb", closefd=False) as file:
+                raw = file.read(MAX_POLICY_BYTES + 1)
+        finally:
+            os.close(fd)
     except OSError as err:
         raise PolicyError(f"{path}: cannot read policy: {err.strerror or err}") from err
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{path}: cannot read policy: larger than {MAX_POLICY_BYTES // 1024} KiB")
+    return parse_policy(_decoded(raw, str(path)), source=str(path))
+
+
+def _decoded(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise PolicyError(f"{path}: policy is not UTF-8 text: {err.reason}") from err
-    return parse_policy(text, source=str(path))
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = len(raw[line_start : err.start].decode("utf-8")) + 1  # in characters
+        raise PolicyError(
+            f"{source}:{line}:{column}: not UTF-8 text: byte 0x{raw[err.start]:02x}"
+            f" ({err.reason}); write the policy in UTF-8"
+        ) from None
 
 
 _TOML_POSITION = re.compile(r"^(?P<what>.*?) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")
@@ -110,6 +157,12 @@ def _toml_error_position(message: str, text: str) -> tuple[str, int, int]:
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """The policy in `text`; `source` names it in messages (the file's path).
+
+    Raises:
+        PolicyError: not TOML (`source:line:column: ...`, the first syntax error), or
+            against the schema: every problem found, one per line (`source: key.path: ...`).
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -117,14 +170,53 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         raise PolicyError(f"{source}:{line}:{column}: TOML syntax error: {what}") from None
     except RecursionError:
         raise PolicyError(f"{source}: TOML syntax error: nested too deeply") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise PolicyError(_huge_integer(text, source, err)) from None
+    errors: list[str] = []
+    policy = _build_policy(_Table(data, "", errors), source)
+    if errors:
+        raise PolicyError(*(f"{source}: {error}" for error in errors))
+    return policy
+
+
+# A decimal integer as TOML writes it, not part of a float: what int() may refuse to read.
+_DECIMAL_RUN = re.compile(r"(?<![0-9_.eE])[+-]?[0-9](?:_?[0-9])*(?![0-9_.eE])")
+
+
+def _huge_integer(text: str, source: str, err: ValueError) -> str:
+    """Where tomllib met an integer too long for int() (sys.get_int_max_str_digits()):
+    its error has no position, so the long runs of digits are masked with letters, which
+    the same parse then stops at as an invalid value (inside strings and comments, and as
+    bare keys, letters are as good as digits)."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)() or 4300
+    runs = [m for m in _DECIMAL_RUN.finditer(text) if sum(c.isdigit() for c in m[0]) > limit]
+    masked = list(text)
+    for run in runs:
+        start = run.start() + (run[0][0] in "+-")
+        masked[start : run.end()] = "x" * (run.end() - start)
     try:
-        return _build_policy(_Table(data, ""), source)
-    except _SchemaError as err:
-        raise PolicyError(f"{source}: {err}") from None
+        tomllib.loads("".join(masked))
+    except tomllib.TOMLDecodeError as masked_err:
+        _, line, column = _toml_error_position(str(masked_err), text)
+        at = next((r for r in runs if _line_column(text, r.start()) == (line, column)), None)
+        if at is not None:
+            digits = sum(c.isdigit() for c in at[0])
+            return (
+                f"{source}:{line}:{column}: integer of {digits} digits: too large"
+                f" (no setting takes more than {len(str(MAX_THREADS))} digits)"
+            )
+    except (ValueError, RecursionError):
+        pass
+    return f"{source}: an integer too large to read: {err}"
+
+
+def _line_column(text: str, offset: int) -> tuple[int, int]:
+    line_start = text.rfind("\n", 0, offset) + 1
+    return text.count("\n", 0, offset) + 1, offset - line_start + 1
 
 
 class _SchemaError(Exception):
-    pass
+    """One problem with one key; `_Table.get` records it and reading goes on."""
 
 
 T = TypeVar("T")
@@ -134,41 +226,70 @@ def _describe(value: object) -> str:
     kind = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}.get(
         type(value), "table" if isinstance(value, dict) else type(value).__name__
     )
-    text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of about {_digits(value)} digits"
+    try:
+        text = repr(value)
+    except ValueError:  # an integer in an array beyond what repr() converts
+        return kind
     return f"{kind} {text}" if len(text) <= 40 else kind
 
 
-class _Table:
-    """A TOML table being read: remembers its key path and which keys were consumed."""
+def _digits(value: int) -> int:
+    """Decimal digits of `value`, within one, without converting it (that can be refused)."""
+    return max(1, round(value.bit_length() * 0.30103))
 
-    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+
+def _number(value: float) -> str:
+    """A number for a message: huge integers (TOML's hexadecimal has no limit) by size."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of about {_digits(value)} digits"
+    return str(value)
+
+
+class _Table:
+    """A TOML table being read: remembers its key path and which keys were consumed, and
+    records every problem in `errors` (shared by the whole document), so that one reading
+    finds them all; a key in error reads as its default meanwhile."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, errors: list[str]) -> None:
         self.data = data
         self.path = path
+        self.errors = errors
         self.seen: set[str] = set()
 
     def where(self, key: str | int) -> str:
         if isinstance(key, int):
             return f"{self.path}[{key}]"
+        if len(key) > 40:  # a key of thousands of characters is named by its start
+            key = f"{key[:32]}..."
         return f"{self.path}.{key}" if self.path else key
+
+    def error(self, message: str) -> None:
+        self.errors.append(message)
 
     def get(self, key: str, convert: Callable[[str, object], T], default: T) -> T:
         self.seen.add(key)
         if key not in self.data:
             return default
-        return convert(self.where(key), self.data[key])
+        try:
+            return convert(self.where(key), self.data[key])
+        except _SchemaError as err:
+            self.error(str(err))
+            return default
 
     def subtable(self, key: str) -> _Table:
         self.seen.add(key)
         value = self.data.get(key, {})
         if not isinstance(value, dict):
-            raise _SchemaError(f"{self.where(key)}: expected a table, found {_describe(value)}")
-        return _Table(value, self.where(key))
+            self.error(f"{self.where(key)}: expected a table, found {_describe(value)}")
+            value = {}
+        return _Table(value, self.where(key), self.errors)
 
     def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            allowed = ", ".join(sorted(self.seen)) or "none"
-            raise _SchemaError(f"{self.where(unknown[0])}: unknown key (allowed here: {allowed})")
+        allowed = ", ".join(sorted(self.seen)) or "none"
+        for key in sorted(set(self.data) - self.seen):
+            self.error(f"{self.where(key)}: unknown key (allowed here: {allowed})")
 
 
 def _integer(minimum: int, maximum: int) -> Callable[[str, object], int]:
@@ -177,7 +298,7 @@ def _integer(minimum: int, maximum: int) -> Callable[[str, object], int]:
             raise _SchemaError(f"{where}: expected an integer, found {_describe(value)}")
         if not minimum <= value <= maximum:
             raise _SchemaError(
-                f"{where}: expected an integer from {minimum} to {maximum}, found {value}"
+                f"{where}: expected an integer from {minimum} to {maximum}, found {_number(value)}"
             )
         return value
 
@@ -190,7 +311,7 @@ def _seconds(minimum: float, maximum: float) -> Callable[[str, object], float]:
             raise _SchemaError(f"{where}: expected a number of seconds, found {_describe(value)}")
         if not minimum <= value <= maximum:
             raise _SchemaError(
-                f"{where}: expected seconds from {minimum:g} to {maximum:g}, found {value}"
+                f"{where}: expected seconds from {minimum:g} to {maximum:g}, found {_number(value)}"
             )
         return float(value)
 
@@ -221,7 +342,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, object], str]:
         text = _string(where, value)
         if text not in options:
             expected = " or ".join(repr(o) for o in options)
-            raise _SchemaError(f"{where}: expected {expected}, found {text!r}")
+            raise _SchemaError(f"{where}: expected {expected}, found {shown(text)}")
         return text
 
     return convert
@@ -258,7 +379,7 @@ def _users(where: str, value: object) -> tuple[str, ...]:
     for index, name in enumerate(names):
         if name == "@" or any(c.isspace() for c in name):
             raise _SchemaError(
-                f'{where}[{index}]: expected a user name or "@group", found {name!r}'
+                f'{where}[{index}]: expected a user name or "@group", found {shown(name)}'
             )
     return names
 
@@ -267,7 +388,7 @@ def _cgroup_name(where: str, value: object) -> str:
     name = _nonempty_string(where, value)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
         raise _SchemaError(
-            f"{where}: expected a directory name (letters, digits, _ . -), found {name!r}"
+            f"{where}: expected a directory name (letters, digits, _ . -), found {shown(name)}"
         )
     return name
 
@@ -275,7 +396,18 @@ def _cgroup_name(where: str, value: object) -> str:
 def _absolute_path(where: str, value: object) -> str:
     path = _nonempty_string(where, value)
     if not path.startswith("/"):
-        raise _SchemaError(f"{where}: expected an absolute path, found {path!r}")
+        raise _SchemaError(f"{where}: expected an absolute path, found {shown(path)}")
+    return path
+
+
+def _socket_path(where: str, value: object) -> str:
+    path = _absolute_path(where, value)
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise _SchemaError(
+            f"{where}: expected a path of at most {MAX_SOCKET_PATH_BYTES} bytes (the kernel's"
+            f" limit for a Unix socket), found {size} bytes"
+        )
     return path
 
 
@@ -290,7 +422,7 @@ def _build_policy(root: _Table, source: str) -> Policy:
         backend=section.get("backend", _choice(BACKENDS), "auto"),
         scan_interval=section.get("scan_interval", _seconds(0.05, 3600), 1.0),
         reserved_cpus=section.get("reserved_cpus", _cpus, frozenset()),
-        socket=section.get("socket", _absolute_path, DEFAULT_SOCKET),
+        socket=section.get("socket", _socket_path, DEFAULT_SOCKET),
         exec_events=section.get("exec_events", _boolean, True),
         realtime_priority=section.get("realtime_priority", _integer(0, 99), 0),
         cgroup=section.get("cgroup", _cgroup_name, "corecap"),
@@ -320,47 +452,63 @@ def _build_policy(root: _Table, source: str) -> Policy:
     return Policy(daemon=daemon, defaults=defaults, rules=rules, users=users, source=source)
 
 
+NO_RULES = (
+    "a policy without [[rules]] would let go of every job (an empty or half-written file?);"
+    " to run without rules on purpose, write `rules = []` at the top, before any [table]"
+)
+
+
 def _build_rules(root: _Table, defaults: Defaults) -> tuple[Rule, ...]:
+    """The rules in file order. No `rules` key at all is an error (NO_RULES): only an
+    explicit `rules = []` means no rules, so a truncated file never releases every job."""
     root.seen.add("rules")
-    entries = root.data.get("rules", [])
+    if "rules" not in root.data:
+        root.error(f"empty policy: {NO_RULES}" if not root.data else f"rules: missing: {NO_RULES}")
+        return ()
+    entries = root.data["rules"]
     if not isinstance(entries, list):
-        raise _SchemaError(
-            f"rules: expected an array of tables ([[rules]]), found {_describe(entries)}"
-        )
+        root.error(f"rules: expected an array of tables ([[rules]]), found {_describe(entries)}")
+        return ()
     rules: list[Rule] = []
     names: set[str] = set()
     for index, entry in enumerate(entries):
-        where = f"rules[{index}]"
-        if not isinstance(entry, dict):
-            raise _SchemaError(f"{where}: expected a table, found {_describe(entry)}")
-        table = _Table(entry, where)
-        if "name" not in entry:
-            raise _SchemaError(f"{where}.name: missing; every rule needs a name")
-        name = table.get("name", _nonempty_string, "")
-        if name in names:
-            raise _SchemaError(f"{where}.name: duplicate rule name {name!r}")
-        names.add(name)
-        if "match" not in entry:
-            raise _SchemaError(f"{where}.match: missing; a rule must say what it matches")
-        criteria = table.subtable("match")
-        match = Match(
-            exe=criteria.get("exe", _string_list, ()),
-            cmdline=criteria.get("cmdline", _regex, None),
-            users=criteria.get("users", _users, ()),
-            loads=criteria.get("loads", _string_list, ()),
-        )
-        criteria.finish()
-        if match == Match():
-            raise _SchemaError(
-                f"{where}.match: expected at least one of exe, cmdline, users, loads"
-            )
-        rules.append(
-            Rule(
-                name=name,
-                match=match,
-                cpus=table.get("cpus", _integer(1, MAX_CPUS), defaults.cpus),
-                max_threads=table.get("max_threads", _integer(1, MAX_THREADS), None),
-            )
-        )
-        table.finish()
+        errors_before = len(root.errors)
+        rule = _build_rule(_Table({}, f"rules[{index}]", root.errors), entry, defaults, names)
+        if rule is not None and len(root.errors) == errors_before:
+            rules.append(rule)
     return tuple(rules)
+
+
+def _build_rule(table: _Table, entry: object, defaults: Defaults, names: set[str]) -> Rule | None:
+    where = table.path
+    if not isinstance(entry, dict):
+        table.error(f"{where}: expected a table, found {_describe(entry)}")
+        return None
+    table.data = entry
+    if "name" not in entry:
+        table.error(f"{where}.name: missing; every rule needs a name")
+    name = table.get("name", _nonempty_string, "")
+    if name and name in names:
+        table.error(f"{where}.name: duplicate rule name {shown(name)}")
+    names.add(name)
+    if "match" not in entry:
+        table.error(f"{where}.match: missing; a rule must say what it matches")
+    errors_before = len(table.errors)
+    criteria = table.subtable("match")
+    match = Match(
+        exe=criteria.get("exe", _string_list, ()),
+        cmdline=criteria.get("cmdline", _regex, None),
+        users=criteria.get("users", _users, ()),
+        loads=criteria.get("loads", _string_list, ()),
+    )
+    criteria.finish()
+    if match == Match() and "match" in entry and len(table.errors) == errors_before:
+        table.error(f"{where}.match: expected at least one of exe, cmdline, users, loads")
+    rule = Rule(
+        name=name,
+        match=match,
+        cpus=table.get("cpus", _integer(1, MAX_CPUS), defaults.cpus),
+        max_threads=table.get("max_threads", _integer(1, MAX_THREADS), None),
+    )
+    table.finish()
+    return rule

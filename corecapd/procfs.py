@@ -22,6 +22,8 @@ from corecapd.cpulist import parse_cpulist
 from corecapd.model import Identity, Observed, ProcKey, Sample
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
+PF_EXITING = 0x00000004
+SIGKILL_BIT = 1 << 8  # signal 9 in the SigPnd mask of /proc/PID/task/TID/status
 _VANISHED = (errno.ENOENT, errno.ESRCH)
 READ_SIZE = 16384  # stat, status, cmdline and cpuset fit in one read
 SCAN_BREAK = 16  # processes, ~0.3 ms of a scan here; each break costs one recv (~3 us)
@@ -106,8 +108,14 @@ class ProcFS:
             raw = read_bytes(f"{self._prefix}{pid}/stat")
         # comm (field 2) may hold spaces and parentheses: split after its last ")".
         fields = raw[raw.rindex(b")") + 2 :].split()
+        marks = fields[23:26]  # startcode, endcode, startstack
         if fields[0] in (b"Z", b"X"):
-            raise ProcessGone(pid)
+            if fields[17] == b"1":
+                raise ProcessGone(pid)
+            # The leader thread exited (pthread_exit in main is legal) and other threads run
+            # on: the process lives until its last thread ends. The leader's stat lost the
+            # memory map; a live thread's has it (one mm per process).
+            marks = self._live_thread_marks(pid)
         start_ticks = int(fields[19])
         return Sample(
             key=ProcKey(pid, start_ticks),
@@ -116,8 +124,47 @@ class ProcFS:
             cpu_seconds=(int(fields[11]) + int(fields[12])) / self.clock_ticks,
             started_at=self.boot_time + start_ticks / self.clock_ticks,
             kernel_thread=bool(int(fields[6]) & PF_KTHREAD),
-            exec_mark=hash((fields[23], fields[24], fields[25])),  # startcode, endcode, startstack
+            exec_mark=hash(tuple(marks)),
         )
+
+    def _live_thread_marks(self, pid: int) -> list[bytes]:
+        """startcode, endcode and startstack from a live thread of a process whose leader
+        exited; ProcessGone when none runs on."""
+        for tid in self.thread_ids(pid):
+            try:
+                with vanishing(pid):
+                    raw = read_bytes(f"{self._prefix}{pid}/task/{tid}/stat")
+            except ProcessGone:
+                continue
+            fields = raw[raw.rindex(b")") + 2 :].split()
+            if fields[0] not in (b"Z", b"X"):
+                return fields[23:26]
+        raise ProcessGone(pid)
+
+    def lives_on(self, pid: int) -> bool:
+        """Whether the process of a leader thread that exited still runs: a thread of it is
+        neither exiting nor killed. A process ends with its last thread: after pthread_exit
+        in main the others run on, while exit_group (exit(), a fatal signal) first queues
+        SIGKILL to every other thread, so they show it pending or are exiting already."""
+        try:
+            tids = self.thread_ids(pid)
+        except ProcessGone:
+            return False
+        for tid in tids:
+            if tid == pid:
+                continue
+            task = f"{self._prefix}{pid}/task/{tid}"
+            try:
+                with vanishing(pid):
+                    stat = read_bytes(f"{task}/stat")
+                    status = read_bytes(f"{task}/status")
+            except ProcessGone:
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            exiting = fields[0] in (b"Z", b"X") or int(fields[6]) & PF_EXITING
+            if not exiting and not int(_status_field(status, b"SigPnd")[0], 16) & SIGKILL_BIT:
+                return True
+        return False
 
     def identity(self, pid: int) -> Identity:
         return self.identity_and_parent(pid)[0]

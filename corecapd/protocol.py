@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from corecapd.declaration import DeclarationError, Registration, registration_from
 
 MAX_LINE = 64 * 1024
+# Arrays and objects inside one request: a register request nests 3 deep
+# ({"pools": [{...}]}); deeper is refused before anything walks it.
+MAX_DEPTH = 8
 # Each command and the keys its request may carry besides "command".
 COMMANDS: dict[str, frozenset[str]] = {
     "ping": frozenset(),
@@ -61,12 +65,23 @@ class Request:
 
 
 def decode_request(line: bytes) -> Request:
+    """One request line (bytes as received, the newline included or not) as a Request.
+
+    Raises:
+        ProtocolError: for anything else, whatever the bytes: not UTF-8, not JSON, an
+            integer past Python's digit limit, nesting deeper than MAX_DEPTH, a line over
+            MAX_LINE bytes, an unknown command or key, a value out of range.
+    """
     if len(line) > MAX_LINE:
         raise ProtocolError(f"request longer than {MAX_LINE} bytes")
     try:
         message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ProtocolError(f"request is not valid JSON: {err}") from None
+    except ValueError as err:  # not JSON, not UTF-8, an integer over Python's digit limit
+        raise ProtocolError(_brief(f"request is not valid JSON: {err}")) from None
+    except RecursionError:
+        raise ProtocolError(f"request nests deeper than {MAX_DEPTH} levels") from None
+    if _depth(message) > MAX_DEPTH:
+        raise ProtocolError(f"request nests deeper than {MAX_DEPTH} levels")
     if not isinstance(message, dict):
         raise ProtocolError(f"request must be a JSON object, got {type(message).__name__}")
     command = message.get("command")
@@ -87,8 +102,33 @@ def decode_request(line: bytes) -> Request:
         try:
             return Request(command, pid=claimed, registration=registration_from(message))
         except DeclarationError as err:
-            raise ProtocolError(f"register: {err}") from None
+            raise ProtocolError(_brief(f"register: {err}")) from None
     return Request(command)
+
+
+def _brief(message: str, limit: int = 300) -> str:
+    """An error message cut to `limit` characters: it may quote what the client sent."""
+    return message if len(message) <= limit else f"{message[: limit - 3]}..."
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a decoded message (iterative: a message can
+    nest as deep as json.loads allowed, and no later step may recurse into it)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if children:
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                return depth
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _count(message: dict[str, Any], key: str, lowest: int, highest: int) -> int:
@@ -96,6 +136,12 @@ def _count(message: dict[str, Any], key: str, lowest: int, highest: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
         raise ProtocolError(f'{message["command"]} needs "{key}": an integer {lowest}-{highest}')
     return value
+
+
+def root_socket(path: Path) -> Path:
+    """The root-only twin of the socket at `path`, which root's clients use: no other user
+    can fill its listen queue (/run/corecap/corecap.sock -> /run/corecap/corecap.root.sock)."""
+    return path.with_name(f"{path.stem}.root{path.suffix}")
 
 
 def encode_request(command: str, **arguments: Any) -> bytes:

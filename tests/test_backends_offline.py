@@ -441,6 +441,57 @@ def test_cgroup2_adopts_the_job_cgroups_a_previous_daemon_left(tmp_path: Path) -
     assert (service / "corecap/job-100-7/cgroup.procs").read_text() == "100\n"
 
 
+def test_cgroup2_adopt_lists_half_made_job_cgroups_with_no_cpus(tmp_path: Path) -> None:
+    """A crash can leave a job cgroup made but never given CPUs, or made before the
+    subtree had the cpuset controller (no cpuset.cpus at all); strays are not jobs."""
+    fake = FakeHost(tmp_path, pid1="init", own="/")
+    cgroup(fake.sys, cgroup__controllers="cpuset\n", cgroup__subtree_control="", cgroup__procs="")
+    subtree = fake.sys / "corecap"
+    job_cgroups(subtree, "job-100-7", "job-101-8")
+    (subtree / "job-100-7/cpuset.cpus").write_text("1\n")
+    (subtree / "job-102-9").mkdir()  # no controller: no cpuset.cpus
+    cgroup(subtree / "job-103-10", cpuset__cpus="garbage")
+    (subtree / "job-104-11").write_text("")  # not a directory
+    cgroup(subtree / "supervisor", cpuset__cpus="0")
+    assert Cgroup2Backend(fake.host()).adopt() == {
+        "100-7": frozenset({1}),
+        "101-8": frozenset(),
+        "102-9": frozenset(),
+        "103-10": frozenset(),
+    }
+    assert Cgroup2Backend(FakeHost(tmp_path / "none", pid1="init", own="/").host()).adopt() == {}
+
+
+def test_cgroup2_completes_a_half_made_subtree(tmp_path: Path) -> None:
+    """The subtree and a job cgroup made, the controller never enabled, no CPUs written."""
+    fake = FakeHost(tmp_path, pid1="init", own="/")
+    cgroup(fake.sys, cgroup__controllers="cpuset\n", cgroup__subtree_control="", cgroup__procs="")
+    job_cgroups(fake.sys / "corecap", "job-100-7")
+    backend = Cgroup2Backend(fake.host())
+    assert backend.adopt() == {"100-7": frozenset()}
+    assert backend.confine("100-7", [fake.process(100, "/")], frozenset({2})) == 1
+    assert (fake.sys / "cgroup.subtree_control").read_text() == "+cpuset"
+    assert (fake.sys / "corecap/cgroup.subtree_control").read_text() == "+cpuset"
+    assert (fake.sys / "corecap/job-100-7/cpuset.cpus").read_text() == "2"
+
+
+def test_cgroup2_enables_the_controller_again_for_a_job_cgroup_without_it(
+    tmp_path: Path,
+) -> None:
+    """Prepared once, the subtree found without the controller later (a job cgroup with no
+    cpuset.cpus): enabled again rather than failing every confine from then on."""
+    fake = FakeHost(tmp_path, pid1="init", own="/")
+    cgroup(fake.sys, cgroup__controllers="cpuset\n", cgroup__subtree_control="", cgroup__procs="")
+    job_cgroups(fake.sys / "corecap", "job-100-7")
+    backend = Cgroup2Backend(fake.host())
+    backend.confine("100-7", [fake.process(100, "/")], frozenset({1}))
+    (fake.sys / "corecap/cgroup.subtree_control").write_text("")
+    (fake.sys / "corecap/job-101-8").mkdir()  # what the kernel makes without the controller
+    with pytest.raises(EnforcementError):  # (a fake tree grows no cpuset.cpus on enabling)
+        backend.confine("101-8", [fake.process(101, "/")], frozenset({2}))
+    assert (fake.sys / "corecap/cgroup.subtree_control").read_text() == "+cpuset"
+
+
 def test_cgroup2_refuses_the_root_of_its_delegated_cgroup(tmp_path: Path) -> None:
     fake = FakeHost(tmp_path)  # in /system.slice/corecapd.service itself: no DelegateSubgroup=
     delegated_service(fake)

@@ -59,6 +59,46 @@ def test_confine_moves_the_whole_process_and_release_removes_everything(
     assert not (CPUSET / host.cgroup).exists()  # the last job took the subtree with it
 
 
+@pytest.mark.parametrize("half_made", ["subtree", "fence", "both", "narrow subtree"])
+def test_confine_completes_what_a_crash_left_half_made(
+    host: Host, processes: Processes, half_made: str
+) -> None:
+    """A kill -9 between mkdir and the writes of cpuset.cpus / cpuset.mems leaves them
+    empty (the kernel then refuses the job's CPUs: EACCES, or the process: ENOSPC); the
+    subtree may also hold fewer CPUs than a job needs now. Setting up repairs all of it."""
+    subtree = CPUSET / host.cgroup
+    subtree.mkdir()
+    if half_made in ("fence", "narrow subtree"):
+        cpus = str(CPUS[0]) if half_made == "narrow subtree" else ",".join(map(str, CPUS))
+        (subtree / "cpuset.cpus").write_text(cpus)
+        (subtree / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    if half_made in ("fence", "both"):
+        (subtree / "job-1-2").mkdir()
+    job = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    backend = Cgroup1Backend(host)
+    if half_made != "narrow subtree":
+        assert backend.adopt() == ({"1-2": frozenset()} if half_made != "subtree" else {})
+    assert backend.confine("1-2", [job.pid], frozenset({JOB_CPU})) == 1
+    assert cpuset_of(job.pid) == f"/{host.cgroup}/job-1-2"
+    assert (subtree / "job-1-2" / "cpuset.cpus").read_text().strip() == str(JOB_CPU)
+    assert (subtree / "job-1-2" / "cpuset.mems").read_text().strip()
+    assert os.sched_getaffinity(job.pid) == {JOB_CPU}
+    assert backend.adopt() == {"1-2": frozenset({JOB_CPU})}
+    backend.release("1-2", [job.pid])
+    assert not subtree.exists()
+
+
+def test_adopt_lists_only_job_cpusets(host: Host) -> None:
+    subtree = CPUSET / host.cgroup
+    subtree.mkdir()
+    (subtree / "cpuset.cpus").write_text(str(JOB_CPU))
+    (subtree / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    (subtree / "not-a-job").mkdir()
+    (subtree / "job-3-4").mkdir()
+    (subtree / "job-3-4" / "cpuset.cpus").write_text(str(JOB_CPU))
+    assert Cgroup1Backend(host).adopt() == {"3-4": frozenset({JOB_CPU})}
+
+
 def test_the_job_cannot_widen_its_own_mask(host: Host, processes: Processes) -> None:
     backend = Cgroup1Backend(host)
     job = processes.python(

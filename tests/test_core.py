@@ -924,7 +924,7 @@ def test_exe_prefilter_follows_the_rules_and_reloads() -> None:
     assert not world.table.may_match_exe("python3")
     default_python = World('[[rules]]\nname = "u"\nmatch.users = ["alice"]\n').table
     assert default_python.may_match_exe("pypy3") and not default_python.may_match_exe("sh")
-    assert not World("").table.may_match_exe("python3")  # no rules: nothing can match
+    assert not World("rules = []\n").table.may_match_exe("python3")  # no rules: nothing can match
 
 
 def test_exit_events_end_a_job_with_its_last_process() -> None:

@@ -159,3 +159,38 @@ def test_parse_of_likely_lists_raises_only_cpulist_error(text: str) -> None:
     except CpuListError:
         return
     assert parse_cpulist(format_cpulist(cpus)) == cpus
+
+
+# -- ids of any length ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["9" * 5000, "0-" + "9" * 5000, "1" * 4301 + "-2", "0," + "1" * 100_000, "00081920"],
+)
+def test_ids_beyond_the_bound_are_errors_however_long(text: str) -> None:
+    with pytest.raises(CpuListError, match=rf"CPU ids go up to {MAX_CPU_ID}$") as caught:
+        parse_cpulist(text)
+    assert len(str(caught.value)) < 200  # the list is quoted by its start and its length
+    if len(text) > 40:
+        assert f"({len(text)} characters)" in str(caught.value)
+
+
+def test_leading_zeros_are_read_however_many() -> None:
+    assert parse_cpulist("0" * 5000 + "3-" + "0" * 5000 + "5") == frozenset({3, 4, 5})
+
+
+_PIECES = st.sampled_from(
+    ["0", "7", "8191", "8192", "1" * 4301, "9" * 5000, "0" * 5000 + "3", "-", ",", " ", "\n", "x"]
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(_PIECES, max_size=8).map("".join))
+def test_ids_of_any_length_give_cpus_or_a_short_cpulist_error(text: str) -> None:
+    try:
+        cpus = parse_cpulist(text)
+    except CpuListError as err:
+        assert len(str(err)) < 300, str(err)
+        return
+    assert all(0 <= cpu <= MAX_CPU_ID for cpu in cpus)

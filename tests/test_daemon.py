@@ -269,15 +269,23 @@ def test_system_user_processes_only_matched_when_the_user_is_named(
 def test_refuses_to_start_on_a_bad_policy(start_daemon: StartDaemon) -> None:
     daemon = start_daemon("[daemon]\nmode = 'sometimes'\n", wait=False)
     assert daemon.process.wait(timeout=20) != 0
-    log = daemon.log()
-    assert str(daemon.policy_path) in log and "daemon.mode" in log and "sometimes" in log
+    lines = daemon.log().splitlines()  # every error, one per line, then how many
+    assert lines[0] == (
+        f"corecapd: {daemon.policy_path}: daemon.mode: expected 'enforce' or 'monitor',"
+        " found 'sometimes'"
+    )
+    assert lines[1].startswith(f"corecapd: {daemon.policy_path}: rules: missing: ")
+    assert lines[2:] == [f"corecapd: 2 errors in {daemon.policy_path}"]
 
 
 def test_refuses_a_policy_that_reserves_every_cpu(start_daemon: StartDaemon) -> None:
     everything = f"0-{max(ALL_CPUS)}"
-    daemon = start_daemon(f'[daemon]\nreserved_cpus = "{everything}"\n', wait=False)
+    daemon = start_daemon(f'rules = []\n[daemon]\nreserved_cpus = "{everything}"\n', wait=False)
     assert daemon.process.wait(timeout=20) != 0
-    assert "leaves no CPU for jobs" in daemon.log()
+    assert daemon.log() == (
+        f"corecapd: {daemon.policy_path}: daemon.reserved_cpus: {everything!r} leaves no CPU"
+        f" for jobs on this host (online CPUs: {everything})\n"
+    )
 
 
 def test_reload_rejects_bad_policy_keeps_old_then_applies_good_one(
@@ -308,6 +316,46 @@ def test_reload_rejects_bad_policy_keeps_old_then_applies_good_one(
     assert daemon.call("reload") == "reloaded"
     job_after = daemon.job(job.pid)
     assert job_after is not None and job_after["rule"] == "after" and job_after["budget"] == 2
+
+
+def test_reload_of_an_empty_or_truncated_policy_keeps_every_job_confined(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    """A half-written policy file (an editor's save, `>` redirection) at a reload: before,
+    it was taken for a policy without rules and every job was let go."""
+    daemon = start_daemon(daemon={"reserved_cpus": str(min(ALL_CPUS))})
+    job = processes.python(THREADS, "3", stdin=subprocess.PIPE)
+    daemon.wait_job(job.pid)
+    wait_for(lambda: confined(job.pid, {LAST_CPU}))
+    good = daemon.policy_path.read_text()
+    for count, text in enumerate(["", good[: good.index("[[rules]]")]], start=1):
+        daemon.policy_path.write_text(text)
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda n=count: len(daemon.events("policy-rejected")) == n)  # type: ignore[misc]
+        daemon.call("status")  # answered after a scan under the policy in force
+        daemon.call("status")
+        assert daemon.job(job.pid) is not None and confined(job.pid, {LAST_CPU})
+    errors = [event["error"] for event in daemon.events("policy-rejected")]
+    assert ": empty policy: " in errors[0] and ": rules: missing: " in errors[1]
+    assert not daemon.events("job-ended") and not daemon.events("policy-reloaded")
+    # several errors: all of them, to the caller one per line, in the journal in one event
+    daemon.policy_path.write_text(
+        good.replace('mode = "enforce"', 'mode = "x"').replace("cpus = 1", "cpus = 0")
+    )
+    rejected = subprocess.run(
+        [PYTHON, "-m", "corecapd.ctl", "--socket", str(daemon.socket), "reload"],
+        capture_output=True,
+        text=True,
+    )
+    assert rejected.returncode == 1
+    assert rejected.stderr.splitlines() == [
+        "corecapctl: reload rejected, the policy in force stays: 2 errors",
+        f"{daemon.policy_path}: daemon.mode: expected 'enforce' or 'monitor', found 'x'",
+        f"{daemon.policy_path}: rules[0].cpus: expected an integer from 1 to 8192, found 0",
+    ]
+    event = daemon.events("policy-rejected")[-1]["error"]
+    assert event == "; ".join(rejected.stderr.splitlines()[1:])
+    assert daemon.job(job.pid) is not None and confined(job.pid, {LAST_CPU})
 
 
 def test_reload_that_drops_the_rule_releases_the_job(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import re
 import sys
 import textwrap
@@ -56,8 +57,12 @@ def test_shipped_policy_loads() -> None:
     assert policy.rules[1].match.exe == ("python*",)
 
 
+# A policy without [[rules]] must say so (`rules = []`): see test_no_rules_* below.
+NO_RULES = "rules = []\n"
+
+
 def test_empty_policy_is_all_defaults() -> None:
-    policy = parse_policy("", source="empty.toml")
+    policy = parse_policy(NO_RULES, source="empty.toml")
     assert policy.daemon == DaemonSettings()
     assert policy.defaults == Defaults()
     assert policy.rules == ()
@@ -66,7 +71,7 @@ def test_empty_policy_is_all_defaults() -> None:
 
 
 def test_documented_default_values() -> None:
-    policy = parse_policy("")
+    policy = parse_policy(NO_RULES)
     assert policy.daemon.mode == "enforce"
     assert policy.daemon.backend == "auto"
     assert policy.daemon.scan_interval == 1.0
@@ -79,13 +84,13 @@ def test_documented_default_values() -> None:
 
 
 def test_absent_sections_default_independently() -> None:
-    policy = parse_policy("[defaults]\ncpus = 2\n")
+    policy = parse_policy(NO_RULES + "[defaults]\ncpus = 2\n")
     assert policy.daemon == DaemonSettings()
     assert policy.defaults == Defaults(cpus=2)
 
 
 def test_partial_sections_keep_the_other_defaults() -> None:
-    policy = parse_policy('[daemon]\nmode = "monitor"\n[defaults]\ngrace = 0\n')
+    policy = parse_policy(NO_RULES + '[daemon]\nmode = "monitor"\n[defaults]\ngrace = 0\n')
     assert policy.daemon == DaemonSettings(mode="monitor")
     assert policy.defaults == Defaults(grace=0.0)
     assert isinstance(policy.defaults.grace, float)
@@ -154,12 +159,13 @@ def test_rules_keep_file_order() -> None:
 
 
 def test_empty_reserved_cpus_means_none() -> None:
-    assert parse_policy('[daemon]\nreserved_cpus = ""\n').daemon.reserved_cpus == frozenset()
+    policy = parse_policy(NO_RULES + '[daemon]\nreserved_cpus = ""\n')
+    assert policy.daemon.reserved_cpus == frozenset()
 
 
 @pytest.mark.parametrize("value", ["0.05", "3600", "1"])
 def test_scan_interval_bounds_are_inclusive(value: str) -> None:
-    policy = parse_policy(f"[daemon]\nscan_interval = {value}\n")
+    policy = parse_policy(f"{NO_RULES}[daemon]\nscan_interval = {value}\n")
     assert policy.daemon.scan_interval == float(value)
 
 
@@ -465,6 +471,8 @@ BAD_POLICIES: list[tuple[str, str, str, tuple[str, ...]]] = [
 def test_bad_policy_names_key_path_and_expectation(
     tmp_path: Path, text: str, key_path: str, fragments: tuple[str, ...]
 ) -> None:
+    if "rules" not in text:  # one error each: a missing [[rules]] would be a second
+        text = NO_RULES + text
     path = write(tmp_path, text)
     with pytest.raises(PolicyError) as caught:
         load_policy(path)
@@ -559,18 +567,261 @@ def test_load_policy_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as caught:
         load_policy(path)
     message = str(caught.value)
-    assert message.startswith(f"{path}: "), message
-    assert "UTF-8" in message
+    # the first bad byte: line 2, after the 20 characters of 'mode = "monitor"  # '
+    assert message.startswith(f"{path}:2:21: not UTF-8 text: byte 0xe9"), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "line", "column", "byte"),
+    [
+        (b"\xff\xfe[\x00d\x00", 1, 1, "0xff"),  # UTF-16 with its byte order mark
+        (b"rules = []\n# \xc3\xa9t\xc3\xa9 ok\n[daemon]\nmode = 'caf\xe9'\n", 4, 12, "0xe9"),
+        (b"rules = []\n# \xe2\x9c\x93 \xe2\x9c\x93 \xe2\x9c\n", 2, 7, "0xe2"),  # cut short
+    ],
+)
+def test_not_utf8_names_line_and_column_of_the_first_bad_byte(
+    tmp_path: Path, raw: bytes, line: int, column: int, byte: str
+) -> None:
+    path = tmp_path / "p.toml"
+    path.write_bytes(raw)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert str(caught.value).startswith(f"{path}:{line}:{column}: not UTF-8 text: byte {byte}")
 
 
 def test_load_policy_utf8_comments_are_fine(tmp_path: Path) -> None:
     path = tmp_path / "utf8.toml"
-    path.write_text('[daemon]\nmode = "monitor"  # été ✓\n', encoding="utf-8")
+    path.write_text('rules = []\n[daemon]\nmode = "monitor"  # été ✓\n', encoding="utf-8")
     assert load_policy(path).daemon.mode == "monitor"
 
 
 def test_policy_error_is_a_value_error() -> None:
     assert issubclass(PolicyError, ValueError)
+
+
+# -- every error at once -------------------------------------------------------------------
+
+
+def test_every_schema_error_is_reported_each_on_its_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [daemon]
+        mode = "sometimes"
+        scan_intervall = 1
+        reserved_cpus = "0-"
+
+        [defaults]
+        cpus = 0
+
+        [[rules]]
+        name = "a"
+        match = {}
+
+        [[rules]]
+        name = "a"
+        match.exe = 5
+        cpus = "2"
+
+        [users.alice]
+        max_cpus = 0
+        """,
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert [line.removeprefix(f"{path}: ").split(": ")[0] for line in caught.value.errors] == [
+        "daemon.mode",
+        "daemon.reserved_cpus",
+        "daemon.scan_intervall",
+        "defaults.cpus",
+        "rules[0].match",
+        "rules[1].name",
+        "rules[1].match.exe",
+        "rules[1].cpus",
+        "users.alice.max_cpus",
+    ]
+    assert str(caught.value) == "\n".join(caught.value.errors)
+    assert caught.value.counted().splitlines()[-1] == "9 errors in this policy"
+    assert "duplicate rule name 'a'" in caught.value.errors[5]
+
+
+def test_every_unknown_key_is_reported() -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(NO_RULES + "[defaults]\ngraze = 1\ncpu = 2\n[bogus]\n", source="p.toml")
+    assert [line.split(": ")[1] for line in caught.value.errors] == [
+        "defaults.cpu",
+        "defaults.graze",
+        "bogus",
+    ]
+
+
+def test_a_single_error_is_a_single_line_with_a_count_of_one() -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(NO_RULES + "[defaults]\ncpus = 0\n", source="p.toml")
+    assert caught.value.errors == (
+        "p.toml: defaults.cpus: expected an integer from 1 to 8192, found 0",
+    )
+    assert caught.value.counted().splitlines()[-1] == "1 error in this policy"
+
+
+def test_a_rule_with_an_error_is_not_judged_by_its_empty_match_too() -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy('[[rules]]\nname = "x"\nmatch.exe = 5\n', source="p.toml")
+    assert len(caught.value.errors) == 1 and "rules[0].match.exe" in str(caught.value)
+
+
+# -- a policy without rules must say so ----------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "  \n# x\n"])
+def test_an_empty_policy_is_refused(text: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, source="p.toml")
+    (message,) = caught.value.errors
+    assert message.startswith("p.toml: empty policy: a policy without [[rules]]"), message
+    assert "`rules = []`" in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[daemon]\nmode = "monitor"\n',  # cut after the first table
+        '[daemon]\nmode = "monitor"\n[defaults]\ncpus = 2\n[users.alice]\nmax_cpus = 2\n',
+    ],
+)
+def test_a_policy_without_rules_is_refused(text: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, source="p.toml")
+    (message,) = caught.value.errors
+    assert message.startswith("p.toml: rules: missing: "), message
+    assert "would let go of every job" in message and "`rules = []` at the top" in message
+
+
+def test_rules_written_inside_a_table_is_an_unknown_key_and_no_rules() -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy('[daemon]\nmode = "monitor"\nrules = []\n', source="p.toml")
+    assert [line.split(": ")[1] for line in caught.value.errors] == ["daemon.rules", "rules"]
+
+
+def test_explicitly_no_rules_is_accepted(tmp_path: Path) -> None:
+    assert parse_policy("rules = []\n").rules == ()
+    assert load_policy(write(tmp_path, "rules = []\n[daemon]\nmode = 'monitor'\n")).rules == ()
+
+
+def test_an_empty_policy_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "corecap.toml"
+    path.write_bytes(b"")
+    with pytest.raises(PolicyError, match=rf"^{re.escape(str(path))}: empty policy: "):
+        load_policy(path)
+
+
+# -- huge numbers, long values -------------------------------------------------------------
+
+DIGITS = "1" * 5000
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column", "digits"),
+    [
+        (f"{NO_RULES}[defaults]\ncpus = {DIGITS}\n", 3, 8, 5000),
+        (f"{NO_RULES}[defaults]\ncpus = -{DIGITS}\n", 3, 8, 5000),
+        (f"{NO_RULES}[defaults]\ncpus = 1_{DIGITS}\n", 3, 8, 5001),
+        (f'{NO_RULES}[daemon]\nmode = "monitor"\n[defaults]\ncpus = [1, {DIGITS}]\n', 5, 12, 5000),
+        # long runs of digits in a comment, a string and a bare key are no integers
+        (f'# {DIGITS}\nrules = []\nx = "{DIGITS}"\ny = {{ {DIGITS} = {DIGITS} }}\n', 4, 5010, 5000),
+        (f"{NO_RULES}[users.alice]\nmax_cpus = {'9' * 4301}\n", 3, 12, 4301),
+        # 4,301 characters but 2,201 digits: readable; the one after it is not
+        (f"{NO_RULES}x = {'1_' * 2200}1\n[defaults]\ncpus = {'9' * 4400}\n", 4, 8, 4400),
+    ],
+)
+def test_an_integer_too_long_to_read_is_located(
+    text: str, line: int, column: int, digits: int
+) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, source="p.toml")
+    (message,) = caught.value.errors
+    assert message == (
+        f"p.toml:{line}:{column}: integer of {digits} digits: too large"
+        " (no setting takes more than 7 digits)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path", "found"),
+    [
+        # hexadecimal has no digit limit in Python: read, then refused by its size
+        (
+            f"[defaults]\ncpus = 0x{'f' * 5000}\n",
+            "defaults.cpus",
+            "an integer of about 6021 digits",
+        ),
+        (f"[defaults]\ngrace = 0x{'f' * 5000}\n", "defaults.grace", "an integer of about"),
+        (f"[daemon]\nmode = 0x{'f' * 5000}\n", "daemon.mode", "an integer of about"),
+        (f"[daemon]\nmode = [0x{'f' * 5000}]\n", "daemon.mode", "found array"),
+        (f"[defaults]\nviolation_after = {'9' * 300}\n", "defaults.violation_after", "about 300"),
+        # floats: too large is infinity, however it is written
+        ("[daemon]\nscan_interval = 1e99999\n", "daemon.scan_interval", "found inf"),
+        (f"[defaults]\ngrace = {DIGITS}.5\n", "defaults.grace", "found inf"),
+        (f"[defaults]\ngrace = -{DIGITS}e-4999\n", "defaults.grace", "found -1.1111"),
+        (f'[daemon]\nreserved_cpus = "0-{DIGITS}"\n', "daemon.reserved_cpus", "go up to 8191"),
+        (f'[daemon]\nreserved_cpus = "{DIGITS}"\n', "daemon.reserved_cpus", "go up to 8191"),
+        (f'[daemon]\nreserved_cpus = "0,{"0" * 5000}9999"\n', "daemon.reserved_cpus", "8191"),
+        (f'[daemon]\nmode = "{"x" * 5000}"\n', "daemon.mode", "(5000 characters)"),
+        (f'[daemon]\nsocket = "{"x" * 5000}"\n', "daemon.socket", "(5000 characters)"),
+        (f"[daemon]\n{'k' * 5000} = 1\n", "daemon." + "k" * 32 + "...", "unknown key"),
+    ],
+)
+def test_huge_values_are_located_and_not_quoted_in_full(
+    text: str, key_path: str, found: str
+) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(NO_RULES + text, source="p.toml")
+    (message,) = caught.value.errors
+    assert message.startswith(f"p.toml: {key_path}: "), message
+    assert found in message and len(message) < 400, message
+
+
+def test_grace_may_have_many_digits_when_it_is_in_range() -> None:
+    policy = parse_policy(f"{NO_RULES}[defaults]\ngrace = 1.{DIGITS}\n")
+    assert policy.defaults.grace == pytest.approx(1.1111111)
+
+
+def test_a_socket_path_longer_than_the_kernel_takes_is_refused() -> None:
+    longest = "/run/" + "s" * 102
+    assert parse_policy(f'{NO_RULES}[daemon]\nsocket = "{longest}"\n').daemon.socket == longest
+    with pytest.raises(PolicyError, match=r"daemon\.socket: expected a path of at most 107 bytes"):
+        parse_policy(f'{NO_RULES}[daemon]\nsocket = "{longest}s"\n')
+
+
+# -- files that are not policies -----------------------------------------------------------
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "corecap.toml"
+    os.mkfifo(path)
+    with pytest.raises(PolicyError, match=r": cannot read policy: not a regular file$"):
+        load_policy(path)
+
+
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    expected = rf"^{re.escape(str(tmp_path))}: cannot read policy: a directory$"
+    with pytest.raises(PolicyError, match=expected):
+        load_policy(tmp_path)
+
+
+def test_an_oversized_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "corecap.toml"
+    path.write_text(NO_RULES + "#" * (1 << 20))
+    with pytest.raises(PolicyError, match=r": cannot read policy: larger than 1024 KiB$"):
+        load_policy(path)
+
+
+def test_a_symlink_to_a_policy_is_read(tmp_path: Path) -> None:
+    target = write(tmp_path, NO_RULES)
+    link = tmp_path / "link.toml"
+    link.symlink_to(target)
+    assert load_policy(link).source == str(link)
 
 
 # -- random documents ------------------------------------------------------------------
@@ -762,8 +1013,10 @@ def check_outcome(text: str, source: str) -> Policy | PolicyError:
         policy = parse_policy(text, source=source)
     except PolicyError as err:
         message = str(err)
-        assert message.startswith(f"{source}:"), message
-        assert len(message) > len(source) + 2
+        assert err.errors and message == "\n".join(err.errors)
+        for line in err.errors:  # every error on its own line, each located in `source`
+            assert line.startswith(f"{source}:"), line
+            assert len(source) + 2 < len(line) < 1000, line
         return err
     assert policy.source == source
     names = [rule.name for rule in policy.rules]
@@ -808,30 +1061,135 @@ def test_toml_like_text_gives_a_policy_or_a_located_error(text: str) -> None:
     check_outcome(text, "s.toml")
 
 
+# Pieces of policies, numbers of every size and every way TOML writes them among them.
+_PIECES = st.sampled_from(
+    [
+        "rules = []\n",
+        "[daemon]\n",
+        "[defaults]\n",
+        "[[rules]]\n",
+        "[users.a]\n",
+        'name = "r"\n',
+        'match.exe = "p*"\n',
+        "cpus = ",
+        "max_threads = ",
+        "grace = ",
+        "scan_interval = ",
+        "max_cpus = ",
+        "reserved_cpus = ",
+        "mode = ",
+        "x = ",
+        "1" * 4301,
+        "9" * 5000,
+        "0x" + "f" * 3000,
+        "0o7",
+        "0b1",
+        "1_000",
+        "-",
+        "+",
+        ".",
+        "5",
+        "e",
+        "e-",
+        "1e999",
+        "inf",
+        "nan",
+        '"',
+        "'",
+        '"0-',
+        '"0,',
+        "#",
+        "\n",
+        " = ",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "\xe9",
+        "\x00",
+    ]
+)
+
+
+_NUMBERS = st.sampled_from(
+    [
+        *("0", "5", "-1", "1e99999", "1" * 4301, "-" + "9" * 5000, "+" + "2" * 4400),
+        *("1_" + "1" * 4400, "0x" + "f" * 3000, "0" * 5000 + "7"),
+        *("1" * 5000 + ".5", "0." + "1" * 5000),
+    ]
+)
+# (table, line): where a number can stand; "" is the top level, before every table
+_NUMBER_PLACES = st.sampled_from(
+    [
+        ("defaults", "cpus = {}"),
+        ("defaults", "grace = {}"),
+        ("daemon", 'reserved_cpus = "0-{}"'),
+        ("daemon", 'reserved_cpus = "{},1"'),
+        ("daemon", "scan_interval = {}"),
+        ("users.a", "max_cpus = [{}]"),
+        ("[rules]", 'name = "r"\nmatch.exe = "p"\ncpus = {}'),
+        ("", "x = {{ a = {} }}"),
+        ("", "# {}"),
+        ("", 'y = "{}"'),
+        ("", "{} = 1"),
+    ]
+)
+
+
+def _numbers_document(prefix: str, placed: list[tuple[tuple[str, str], str]], noise: str) -> str:
+    """A policy with numbers in their places, each table once, then some noise."""
+    tables: dict[str, list[str]] = {}
+    for (table, line), number in placed:
+        tables.setdefault(table, []).append(line.format(number))
+    lines = [prefix, *tables.pop("", [])]
+    for table, body in tables.items():
+        lines += [f"[{table}]", *body]
+    return "\n".join(lines) + "\n" + noise
+
+
+_POLICY_PIECES = st.builds(
+    _numbers_document,
+    st.sampled_from(["", "rules = []"]),
+    st.lists(st.tuples(_NUMBER_PLACES, _NUMBERS), max_size=4, unique_by=lambda pair: pair[0]),
+    st.one_of(st.just(""), st.lists(_PIECES, max_size=3).map("".join)),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(_POLICY_PIECES)
+def test_policy_pieces_with_numbers_of_any_size_give_a_policy_or_a_located_error(
+    text: str,
+) -> None:
+    check_outcome(text, "n.toml")
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        # latin-1: "\xe9" is then a lone byte, not UTF-8
+        _POLICY_PIECES.map(lambda text: text.encode("latin-1")),
+    )
+)
+def test_arbitrary_bytes_give_a_policy_or_a_located_error(tmp_path: Path, raw: bytes) -> None:
+    path = tmp_path / "corecap.toml"
+    path.write_bytes(raw)
+    try:
+        policy = load_policy(path)
+    except PolicyError as err:
+        assert err.errors and str(err) == "\n".join(err.errors)
+        for line in err.errors:
+            assert line.startswith(f"{path}:"), line
+            assert len(line) < 1000, line
+        return
+    assert policy.source == str(path)
+
+
 _GOOD_NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-_.0123456789@", min_size=1, max_size=8)
 _GOOD_USERS = _GOOD_NAMES.filter(lambda name: name != "@")
 GOOD_POLICY_DATA = st.fixed_dictionaries(
-    {},
-    optional={
-        "daemon": st.fixed_dictionaries(
-            {},
-            optional={
-                "mode": st.sampled_from(["enforce", "monitor"]),
-                "backend": st.sampled_from(["auto", "affinity"]),
-                "scan_interval": st.floats(min_value=0.05, max_value=3600),
-                "reserved_cpus": st.frozensets(st.integers(0, 300)).map(format_cpulist),
-                "socket": _GOOD_NAMES.map(lambda name: f"/run/{name}"),
-            },
-        ),
-        "defaults": st.fixed_dictionaries(
-            {},
-            optional={
-                "cpus": st.integers(min_value=1, max_value=8192),
-                "thread_slack": st.integers(min_value=0, max_value=1_000_000),
-                "grace": st.integers(min_value=0, max_value=86400),
-                "violation_after": st.integers(min_value=1, max_value=1000),
-            },
-        ),
+    {  # rules always, [] when there are none: a policy without the key is refused
         "rules": st.lists(
             st.fixed_dictionaries(
                 {
@@ -853,6 +1211,27 @@ GOOD_POLICY_DATA = st.fixed_dictionaries(
             ),
             max_size=4,
             unique_by=lambda rule: str(rule["name"]),
+        ),
+    },
+    optional={
+        "daemon": st.fixed_dictionaries(
+            {},
+            optional={
+                "mode": st.sampled_from(["enforce", "monitor"]),
+                "backend": st.sampled_from(["auto", "affinity"]),
+                "scan_interval": st.floats(min_value=0.05, max_value=3600),
+                "reserved_cpus": st.frozensets(st.integers(0, 300)).map(format_cpulist),
+                "socket": _GOOD_NAMES.map(lambda name: f"/run/{name}"),
+            },
+        ),
+        "defaults": st.fixed_dictionaries(
+            {},
+            optional={
+                "cpus": st.integers(min_value=1, max_value=8192),
+                "thread_slack": st.integers(min_value=0, max_value=1_000_000),
+                "grace": st.integers(min_value=0, max_value=86400),
+                "violation_after": st.integers(min_value=1, max_value=1000),
+            },
         ),
         "users": st.dictionaries(
             _GOOD_USERS,

@@ -65,6 +65,24 @@ class AffinityBackend(Backend):
         for pid in pids:
             self._set_all_threads(pid, self.host.online_cpus, set())
 
+    def adopt(self) -> dict[str, frozenset[int]]:
+        """Every process's mask where narrower than the host (job name -> CPUs): without a
+        fence, what a previous daemon set is only there. A job can set its own mask too, so
+        the core keeps one only when it is a grant it could have made (`allocator.keep`)."""
+        masks: dict[str, frozenset[int]] = {}
+        for pid in self.host.procfs.pids():
+            try:
+                with vanishing(pid):
+                    mask = frozenset(os.sched_getaffinity(pid))
+                    if mask >= self.host.online_cpus:
+                        continue  # never narrowed (the commonest): no stat read
+                    sample = self.host.procfs.sample(pid)
+            except (ProcessGone, PermissionError):
+                continue
+            if not sample.kernel_thread:  # per-CPU kernel threads are never jobs
+                masks[f"{sample.key.pid}-{sample.key.start_ticks}"] = mask
+        return masks
+
     def _set_all_threads(self, pid: int, cpus: frozenset[int], seen: set[int]) -> list[int]:
         """Set every thread of `pid`; the TIDs that had another mask. Adds all to `seen`."""
         changed: list[int] = []

@@ -52,7 +52,10 @@ class Backend(ABC):
         """The job is over: let its live processes go, remove what `confine` made."""
 
     def adopt(self) -> dict[str, frozenset[int]]:
-        """Fences a previous daemon left behind (job name -> CPUs), to take over."""
+        """Fences a previous daemon left behind (job name -> CPUs), to take over: their
+        jobs keep these CPUs where the policy allows (`JobTable.adopt`). One a crash left
+        half-made, or unreadable, is listed with no CPUs: `confine` completes it, or
+        `release` removes it. Read-only."""
         return {}
 
     def describe(self) -> str:

@@ -5,6 +5,11 @@ all its threads (6-12 ms here), and its children are born inside. corecapd fence
 processes that sit in the root cpuset: one that Slurm, Kubernetes or a container already put
 in a cpuset stays there (its affinity still narrows within it), so outer bounds are never
 widened and cgroups corecapd does not own are never written.
+
+Setting up a fence is idempotent and repairs what it finds: a kill -9 can leave a directory
+made but its `cpuset.cpus` or `cpuset.mems` never written (the kernel then refuses every
+process: ENOSPC), so both are checked, and filled, in our subtree and in the job's cpuset
+each time, whether or not the directory was there already.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import errno
 from collections.abc import Sequence
 from pathlib import Path
 
-from corecapd.cpulist import format_cpulist, parse_cpulist
+from corecapd.cpulist import CpuListError, format_cpulist, parse_cpulist
 from corecapd.enforcement import cgroupfs
 from corecapd.enforcement.base import Backend, EnforcementError
 from corecapd.procfs import ProcessGone, vanishing
@@ -67,33 +72,31 @@ class Cgroup1Backend(Backend):
                 raise EnforcementError(f"cannot remove {fence}: {err.strerror}") from err
 
     def adopt(self) -> dict[str, frozenset[int]]:
-        if not self.subtree.is_dir():
-            return {}
-        return {
-            path.name.removeprefix(JOB_PREFIX): parse_cpulist(cgroupfs.read(path / "cpuset.cpus"))
-            for path in self.subtree.iterdir()
-            if path.is_dir() and path.name.startswith(JOB_PREFIX)
-        }
+        """Our job cpusets (job name -> CPUs); a half-made one (no CPUs yet) or an
+        unreadable one is listed with none, so that it is repaired or removed."""
+        return cgroupfs.job_cgroups(self.subtree, JOB_PREFIX, "cpuset.cpus")
 
     def _fence(self, job: str, cpus: frozenset[int]) -> Path:
-        """The job's cpuset with `cpus`, made (with our subtree) when missing."""
+        """The job's cpuset with `cpus`: made (with our subtree) when missing, completed
+        when half-made."""
         wanted = format_cpulist(cpus)
+        fence = self.subtree / f"{JOB_PREFIX}{job}"
         try:
-            if not self.subtree.is_dir():
-                self.subtree.mkdir()
+            self.subtree.mkdir(exist_ok=True)
+            if not cpus <= _cpus(self.subtree):  # never written, or CPUs came online since
                 cgroupfs.write(
                     self.subtree / "cpuset.cpus",
                     cgroupfs.read(self.mount / "cpuset.effective_cpus"),
                 )
+            if not cgroupfs.read(self.subtree / "cpuset.mems"):
                 cgroupfs.write(
                     self.subtree / "cpuset.mems",
                     cgroupfs.read(self.mount / "cpuset.effective_mems"),
                 )
-            fence = self.subtree / f"{JOB_PREFIX}{job}"
-            if not fence.is_dir():
-                fence.mkdir()
+            fence.mkdir(exist_ok=True)
+            if not cgroupfs.read(fence / "cpuset.mems"):
                 cgroupfs.write(fence / "cpuset.mems", cgroupfs.read(self.subtree / "cpuset.mems"))
-            if parse_cpulist(cgroupfs.read(fence / "cpuset.cpus")) != cpus:
+            if _cpus(fence) != cpus:
                 cgroupfs.write(fence / "cpuset.cpus", wanted)
         except OSError as err:
             raise EnforcementError(
@@ -108,3 +111,11 @@ class Cgroup1Backend(Backend):
                 return (self.host.procfs.root / str(pid) / "cpuset").read_text().strip()
         except ProcessGone:
             return None
+
+
+def _cpus(cpuset: Path) -> frozenset[int]:
+    """A cpuset's CPUs; none when what it holds is not a CPU list (then it is written)."""
+    try:
+        return parse_cpulist(cgroupfs.read(cpuset / "cpuset.cpus"))
+    except CpuListError:
+        return frozenset()

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from corecapd.cpulist import format_cpulist, parse_cpulist
+from corecapd.cpulist import CpuListError, format_cpulist, parse_cpulist
 from corecapd.enforcement import cgroupfs
 from corecapd.enforcement.base import Backend, EnforcementError, Host
 from corecapd.procfs import ProcessGone, vanishing
@@ -110,26 +110,26 @@ class Cgroup2Backend(Backend):
         self._released.add(job)
 
     def adopt(self) -> dict[str, frozenset[int]]:
+        """Our job cgroups (job name -> CPUs); a half-made one (no CPUs yet, or no cpuset
+        controller yet) or an unreadable one is listed with none, to be repaired or removed."""
         layout = self._find_layout()
-        if not isinstance(layout, Layout) or not layout.subtree.is_dir():
+        if not isinstance(layout, Layout):
             return {}
-        return {
-            path.name.removeprefix(JOB_PREFIX): parse_cpulist(cgroupfs.read(path / "cpuset.cpus"))
-            for path in layout.subtree.iterdir()
-            if path.is_dir() and path.name.startswith(JOB_PREFIX)
-        }
+        return cgroupfs.job_cgroups(layout.subtree, JOB_PREFIX, "cpuset.cpus")
 
     def _find_layout(self) -> Layout | str:
         if self._layout is None:
             self._layout = find_layout(self.host)
         return self._layout
 
-    def _ready(self) -> Layout:
-        """The layout, with `+cpuset` enabled down to our subtree (done once)."""
+    def _ready(self, check: bool = False) -> Layout:
+        """The layout, with `+cpuset` enabled down to our subtree: checked, and enabled
+        where it is not (a crash can leave the subtree made but not enabled), at the first
+        confine and when `check`; afterwards only while the subtree is there."""
         layout = self._find_layout()
         if isinstance(layout, str):
             raise EnforcementError(f"cgroup2 cannot work here: {layout}")
-        if self._prepared and layout.subtree.is_dir():
+        if self._prepared and not check and layout.subtree.is_dir():
             return layout
         try:
             _enable_cpuset(layout.owned)
@@ -143,12 +143,16 @@ class Cgroup2Backend(Backend):
         return layout
 
     def _fence(self, layout: Layout, job: str, cpus: frozenset[int]) -> Path:
-        """The job's cgroup with `cpus`, made when missing; checked against the kernel."""
+        """The job's cgroup with `cpus`: made when missing, completed when half-made (made,
+        its CPUs never written, or made before the subtree had the cpuset controller);
+        checked against the kernel."""
         fence = layout.subtree / f"{JOB_PREFIX}{job}"
         wanted = format_cpulist(cpus)
         try:
             fence.mkdir(exist_ok=True)
-            if parse_cpulist(cgroupfs.read(fence / "cpuset.cpus")) != cpus:
+            if not (fence / "cpuset.cpus").is_file():  # no controller there: enable it again
+                self._ready(check=True)
+            if _cpus(fence / "cpuset.cpus") != cpus:
                 cgroupfs.write(fence / "cpuset.cpus", wanted)
             effective = fence / "cpuset.cpus.effective"
             granted = parse_cpulist(cgroupfs.read(effective)) if effective.is_file() else cpus
@@ -280,6 +284,14 @@ def effective_cpus(mount: Path, cgroup: str) -> frozenset[int] | None:
             if directory == mount:
                 break
     return None
+
+
+def _cpus(path: Path) -> frozenset[int]:
+    """A cgroup's CPU list; none when it holds no list (then it is written)."""
+    try:
+        return parse_cpulist(cgroupfs.read(path))
+    except CpuListError:
+        return frozenset()
 
 
 def _enable_cpuset(cgroup: Path) -> None:

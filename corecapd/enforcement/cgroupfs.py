@@ -6,6 +6,7 @@ import contextlib
 import errno
 from pathlib import Path
 
+from corecapd.cpulist import CpuListError, parse_cpulist
 from corecapd.enforcement.base import EnforcementError
 
 
@@ -36,3 +37,25 @@ def move(pid: int, cgroup: Path) -> int:
             return 0
         raise EnforcementError(f"cannot move PID {pid} into {cgroup}: {err.strerror}") from err
     return 1
+
+
+def job_cgroups(parent: Path, prefix: str, cpus_file: str) -> dict[str, frozenset[int]]:
+    """The job cgroups below `parent` (job name -> their CPUs), as a previous daemon left
+    them: one made but never given CPUs (a crash between two writes), or whose CPUs cannot
+    be read, is listed with none; what is not a directory is not a job's."""
+    jobs: dict[str, frozenset[int]] = {}
+    try:
+        entries = list(parent.iterdir())
+    except FileNotFoundError:
+        return jobs
+    except OSError as err:
+        raise EnforcementError(f"cannot list {parent}: {err.strerror}") from err
+    for path in entries:
+        if not path.name.startswith(prefix) or not path.is_dir():
+            continue
+        try:
+            cpus = parse_cpulist(read(path / cpus_file))
+        except (OSError, CpuListError):
+            cpus = frozenset()
+        jobs[path.name.removeprefix(prefix)] = cpus
+    return jobs
