@@ -7,7 +7,6 @@ import io
 import json
 import sys
 import time
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from corecapd.client import DaemonUnreachable, call
 from corecapd.cpulist import format_cpulist
 from corecapd.policy import DEFAULT_POLICY_PATH, DEFAULT_SOCKET, PolicyError, load_policy
 from corecapd.preflight import check_policy_file
+from corecapd.printable import visible
 from corecapd.protocol import ProtocolError, RemoteError
 
 
@@ -119,32 +119,6 @@ def _check(args: argparse.Namespace) -> int:
 def _reload(args: argparse.Namespace) -> int:
     print(call(_socket(args), "reload"))
     return 0
-
-
-def visible(text: str) -> str:
-    """`text` safe for a terminal: control characters (C0 with newline and escape, DEL,
-    C1), format characters (bidirectional overrides), line and paragraph separators and
-    lone surrogates as visible escapes (`\\x1b`, `\\u202e`), the rest as it is.
-
-    Thread names, environment values and command lines are whatever a job chose: printed
-    raw, they could retitle root's terminal, clear it, or forge a line of output."""
-    if text.isprintable():
-        return text  # the common case, in C (isprintable is False for every class below)
-    return "".join(
-        _escape(char) if unicodedata.category(char) in _UNPRINTED else char for char in text
-    )
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-# Unicode categories escaped: control (C0, DEL, C1), format, surrogate, private use,
-# unassigned, line and paragraph separators.
-_UNPRINTED = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 def _visible_document(value: Any) -> Any:

@@ -17,6 +17,7 @@ import systemd.daemon
 import systemd.journal
 
 from corecapd.events import Event
+from corecapd.printable import visible
 
 SYSLOG_IDENTIFIER = "corecapd"
 
@@ -46,9 +47,9 @@ class Reporter:
             f"{k.removeprefix('CORECAP_').lower()}={_quote(v)}" for k, v in fields.items()
         )
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.stream.write(
-            f"{stamp} corecapd[{os.getpid()}]: {event.kind}: {event.message()} | {details}\n"
-        )
+        # One line per event whatever a job named its threads (no forged lines or escapes).
+        message = visible(event.message())
+        self.stream.write(f"{stamp} corecapd[{os.getpid()}]: {event.kind}: {message} | {details}\n")
         self.stream.flush()
 
     def notify(self, *states: str) -> None:
@@ -57,5 +58,5 @@ class Reporter:
 
 
 def _quote(value: str) -> str:
-    safe = value and not any(c.isspace() or c in '"|=' for c in value)
-    return value if safe else json.dumps(value)
+    safe = value and value.isprintable() and not any(c.isspace() or c in '"|=' for c in value)
+    return value if safe else json.dumps(value)  # escapes control characters too

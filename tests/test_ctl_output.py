@@ -4,6 +4,7 @@ the terminal as control sequences."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import subprocess
@@ -15,7 +16,10 @@ from conftest import PYTHON, Processes, StartDaemon
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corecapd.ctl import format_explanation, format_status, format_violations, visible
+from corecapd.ctl import format_explanation, format_status, format_violations
+from corecapd.events import FenceFailed
+from corecapd.journal import Reporter
+from corecapd.printable import visible
 
 HOSTILE = [
     "\x1b]0;owned\x07",  # sets the terminal's title
@@ -189,3 +193,17 @@ def test_corecapctl_shows_a_hostile_job_escaped(
     report = json.loads(ctl("explain", str(job.pid), "--json"))
     assert report["thread_names"]["\x1b]0;owned\x07"] == 1
     assert report["environment"]["OMP_NUM_THREADS"] == "2\x1b[2J\r\nforged: ok"
+
+
+@given(st.text(), st.text())
+def test_the_daemons_log_keeps_one_line_per_event_whatever_jobs_chose(error: str, job: str) -> None:
+    # FenceFailed carries a job name and an error text in its message and fields alike.
+    stream = io.StringIO()
+    Reporter(to_journal=False, stream=stream).emit(FenceFailed(job=job, error=error))
+    line = stream.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert visible(line[:-1]) == line[:-1], repr(line)  # nothing left to escape
+    for hostile in HOSTILE:
+        stream = io.StringIO()
+        Reporter(to_journal=False, stream=stream).emit(FenceFailed(job=hostile, error=hostile))
+        assert stream.getvalue().count("\n") == 1 and "\x1b" not in stream.getvalue()
