@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what corecap needs on a Debian host, and nothing twice: the apt packages that
-# systemd-python builds against, then a virtual environment at .venv with the project.
+# systemd-python builds against (and, for tests, the manual page tools), then a virtual
+# environment at .venv with the project and its daemon's dependencies (`[daemon]`; the job
+# library alone, `pip install corecap`, needs neither).
 # Usage: scripts/bootstrap.sh [runtime|test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,11 @@ if ! dpkg -s libsystemd-dev >/dev/null 2>&1; then
   need+=("libsystemd-dev=$(dpkg-query -W -f='${Version}' libsystemd0)")
 fi
 "$python" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if [ "$profile" = test ]; then  # tests/test_docs.py checks the manual pages with these
+  for package in groff-base man-db mandoc; do
+    dpkg -s "$package" >/dev/null 2>&1 || need+=("$package")
+  done
+fi
 "$python" -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' \
   2>/dev/null || need+=(python3-dev)
 if ((${#need[@]})); then
@@ -24,8 +31,8 @@ if ((${#need[@]})); then
 fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-extras=""
-[ "$profile" = test ] && extras="[test]"
+extras="[daemon]"
+[ "$profile" = test ] && extras="[daemon,test]"
 stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-$profile"
 if [ ! -e "$stamp" ]; then
   echo "bootstrap: pip install -e .$extras" >&2

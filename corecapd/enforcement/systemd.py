@@ -16,6 +16,9 @@ host stays where it is, as with the other fences.
 
 Messages are data (`MethodCall`, built by the functions below and tested without a bus);
 `SystemBus` sends them with jeepney's blocking client, on the daemon's fence worker thread.
+jeepney is imported when the first message is sent: it comes with the daemon's dependencies
+(`corecap[daemon]`), and `corecapctl` reaches this module (through corecapd.preflight) in an
+environment that may have only the job library's.
 """
 
 from __future__ import annotations
@@ -27,11 +30,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-
-from jeepney import DBusAddress, MatchRule, new_method_call  # type: ignore[import-untyped]
-from jeepney.bus_messages import message_bus  # type: ignore[import-untyped]
-from jeepney.io.blocking import open_dbus_connection  # type: ignore[import-untyped]
-from jeepney.wrappers import DBusErrorResponse, unwrap_msg  # type: ignore[import-untyped]
 
 from corecapd.cpulist import format_cpulist, parse_cpulist
 from corecapd.enforcement.base import Backend, EnforcementError, Host
@@ -331,6 +329,13 @@ class SystemBus:
         if self._connection is not None:
             return self._connection
         try:
+            from jeepney.bus_messages import message_bus  # type: ignore[import-untyped]
+            from jeepney.io.blocking import open_dbus_connection  # type: ignore[import-untyped]
+        except ImportError as err:  # the job library alone: pip install corecap
+            raise BusError(
+                "connection", f"jeepney is not installed ({err}): pip install 'corecap[daemon]'"
+            ) from err
+        try:
             connection = open_dbus_connection(self._bus, auth_timeout=self.timeout)
         except (OSError, ValueError) as err:  # no socket, refused, authentication failed
             raise BusError("connection", f"cannot connect to the {self._bus} bus: {err}") from err
@@ -340,6 +345,8 @@ class SystemBus:
         return connection
 
     def _send(self, connection: Any, message: Any) -> tuple[Any, ...]:
+        from jeepney.wrappers import DBusErrorResponse, unwrap_msg  # type: ignore[import-untyped]
+
         try:
             reply = connection.send_and_get_reply(message, timeout=self.timeout)
             return tuple(unwrap_msg(reply))
@@ -352,6 +359,8 @@ class SystemBus:
 
 
 def to_message(call: MethodCall) -> Any:
+    from jeepney import DBusAddress, new_method_call  # type: ignore[import-untyped]
+
     address = DBusAddress(call.path, SYSTEMD, call.interface)
     return new_method_call(address, call.method, call.signature, call.body)
 
@@ -359,6 +368,8 @@ def to_message(call: MethodCall) -> Any:
 def job_removed(local: bool = False) -> Any:
     """Match systemd's JobRemoved. The bus daemon knows systemd's well-known name; jeepney's
     own filter sees only its unique name, so that one matches without a sender."""
+    from jeepney import MatchRule
+
     return MatchRule(
         type="signal",
         sender=None if local else SYSTEMD,
