@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from corecapd.allocator import Grant, Holding, allocate, keep
-from corecapd.budget import Budget, declared_budget, thread_budget
+from corecapd.budget import OTHER, PYTHON, TENSORFLOW, Budget, job_budget
 from corecapd.cpulist import format_cpulist
 from corecapd.declaration import Registration, Settings, resolve
 from corecapd.events import (
@@ -27,10 +27,17 @@ from corecapd.events import (
     JobStarted,
     StateProblem,
     ViolationEnded,
+    ViolationEndedWithJob,
     ViolationStarted,
 )
-from corecapd.matching import classify, classify_identity, exe_may_match, loads_library
-from corecapd.model import Identity, KeptRegistration, Observed, ProcKey
+from corecapd.matching import (
+    classify,
+    classify_identity,
+    exe_may_match,
+    is_python,
+    loads_library,
+)
+from corecapd.model import Identity, KeptRegistration, Observed, ProcKey, Sample
 from corecapd.policy import Match, Policy, Rule
 from corecapd.protocol import EpochReport
 from corecapd.topology import Topology
@@ -63,11 +70,15 @@ class ViolationRecord:
     started: float
     ended: float | None = None
     diagnosis: str = ""
+    # How it ended: "resolved" (back within budget), "exited" (the job's last process
+    # exited while over budget) or "released" (the job was let go while over budget: its
+    # rule no longer matches, or it joined the job of an ancestor); None while it lasts.
+    ended_by: str | None = None
 
 
 @dataclass
 class Job:
-    """A matched process and its descendants, holding one set of cores."""
+    """A matched process and every descendant, holding one set of cores."""
 
     id: ProcKey  # the matched (root) process
     user: str
@@ -76,7 +87,9 @@ class Job:
     members: set[ProcKey]
     cpus: frozenset[int] = frozenset()
     notes: tuple[str, ...] = ()
-    tensorflow: bool = False
+    # What each member runs, as its budget sees it (budget.TENSORFLOW, PYTHON or OTHER)
+    kinds: dict[ProcKey, str] = field(default_factory=dict)
+    member_threads: dict[ProcKey, int] = field(default_factory=dict)  # at the last scan
     budget: Budget = field(default_factory=lambda: Budget(0, "unset"))
     threads: int = 0
     cpu_percent: float = 0.0
@@ -93,6 +106,11 @@ class Job:
     @property
     def pid(self) -> int:
         return self.id.pid
+
+    @property
+    def tensorflow(self) -> bool:
+        """Whether TensorFlow was seen in any member's libraries."""
+        return TENSORFLOW in self.kinds.values()
 
     @property
     def name(self) -> str:
@@ -118,6 +136,11 @@ class JobTable:
         self.libraries_wanted: frozenset[ProcKey] = frozenset()
         self._member_of: dict[ProcKey, ProcKey] = {}  # process -> its job's id
         self._member_pids: dict[int, ProcKey] = {}  # for the exec path, which has a ppid only
+        # PID -> parent PID of the processes the last scan saw in no job (less those that
+        # exited since): the exec path's ancestry walk reads /proc only up to one of these
+        # or a job's process (`ancestry_known`), and follows these links in memory (one
+        # of them may have become a job since: its descendants are then in that job).
+        self._outside: dict[int, int] = {}
         self._exec_marks: dict[ProcKey, int] = {}  # of processes classified outside any job
         self._exe_verdicts: dict[str, bool] = {}
         self._restored: dict[ProcKey, KeptRegistration] = {}
@@ -157,20 +180,21 @@ class JobTable:
         self._forget_execd(processes)
         fresh_libraries = self._note_library_reads(processes, now)
         for job in list(self.jobs.values()):
-            gone = job.members - alive
-            job.members -= gone
-            for key in gone:
-                self._leave(key)
-                job.cpu_seconds.pop(key, None)
+            for key in job.members - alive:
+                self._drop(job, key)
             if not job.members:
                 events += self._end(job, now, "exited", live_pids=())
 
         if self._reallocate:
             events += self._reclassify_jobs(processes, now)
 
+        events += self._enclose(processes, now)
         known = self._ignored | self._waiting | self._member_of.keys()
+        jobs_before = len(self.jobs)
         for key in sorted(alive - known, key=lambda k: (k.start_ticks, k.pid)):
             events += self._place_new(processes[key], now)
+        if len(self.jobs) > jobs_before:  # new jobs: processes seen before may be below them
+            events += self._enclose(processes, now)
         if self._kept or self._not_kept:  # placed, joined a job or none; some still waiting
             self._kept = {key: kept for key, kept in self._kept.items() if key in self._waiting}
             self._not_kept = {k: why for k, why in self._not_kept.items() if k in self._waiting}
@@ -179,26 +203,41 @@ class JobTable:
             events += self._classify(processes[key], now)
 
         for job in self.jobs.values():
-            if job.id in fresh_libraries:
-                self._note_libraries(job, processes[job.id])
             events += self._sample(job, processes, fresh_libraries, now)
 
-        self.libraries_wanted = self._libraries_due(alive, now)
+        self.libraries_wanted = self._libraries_due(processes, now)
+        self._outside = {
+            key.pid: seen.sample.ppid
+            for key, seen in processes.items()
+            if key not in self._member_of
+        }
         return events
 
-    def admit(self, process: Observed, now: float) -> tuple[list[Event], Job | None]:
+    def admit(
+        self, process: Observed, now: float, lineage: Sequence[Sample] = ()
+    ) -> tuple[list[Event], Job | None]:
         """The exec fast path: decide for one process that just exec'd, before any scan.
 
         Only what exec sets is read (exe, cmdline, users; libraries load later), so the
-        job can be confined before the interpreter runs its first statement."""
+        job can be confined before the interpreter runs its first statement. `lineage`:
+        its ancestors the table did not know (`ancestry_known`), nearest first, as the
+        exec path read them: when the last one's parent is in a job, all of them join it
+        with the process (the /bin/sh of `os.system` between a job and its Python)."""
         key = process.key
         if key in self._member_of:
             return [], self.jobs[self._member_of[key]]  # a job's process runs a new program
         self._ignored.discard(key)
         self._waiting.discard(key)
-        events = self._place_new(process, now)
+        events = self._place_new(process, now, lineage)
         job_id = self._member_of.get(key)
         return events, self.jobs[job_id] if job_id is not None else None
+
+    def ancestry_known(self, pid: int) -> bool:
+        """Whether the table can tell, from `pid` alone, which job (if any) a child of
+        `pid` belongs to: `pid` is a job's process, or the last scan saw it outside every
+        job, or it is no user process (0, init). Else the exec path reads its parent and
+        asks again. O(1), no side effects."""
+        return pid in self._member_pids or pid in self._outside or pid <= 1
 
     def foresee(self) -> None:
         """Work out, while nothing waits, what a new job of each rule's size would get now,
@@ -220,9 +259,11 @@ class JobTable:
         it (None: only `admit` can tell, or no job). By PID, not key: the exec path asks
         before it reads the start time, and a PID's exit event comes before its reuse. No
         side effects: `admit` follows and decides."""
-        member = self._member_pids.get(pid) or self._member_pids.get(ppid)
-        if member is not None:  # a member that exec'd again, or a child of a job
+        member = self._member_pids.get(pid) or self._enclosing(ppid)
+        if member is not None:  # a member that exec'd again, or a descendant of a job
             return self.jobs[self._member_of[member]].cpus
+        if (fenced := self._fenced(identity)) is not None:
+            return fenced.cpus  # its parent gone, its cgroup still says whose it is
         if self._foreseen is None or identity.cpuset is not None or pid == self.daemon_pid:
             return None
         if any(key.pid == pid for key in self._restored):
@@ -242,8 +283,7 @@ class JobTable:
         key = process.key
         owner = self._member_of.get(key)
         if owner is not None and owner != key:
-            self.jobs[owner].members.discard(key)  # a worker of a job registering for itself
-            self._leave(key)
+            self._drop(self.jobs[owner], key)  # a worker of a job registering for itself
         self._ignored.discard(key)
         self._waiting.discard(key)
         job = self.jobs.get(key)
@@ -318,22 +358,111 @@ class JobTable:
     def exited(self, pid: int, now: float) -> list[Event]:
         """A process-exit event: drop the process from its job, and end the job when it
         was the last one, without waiting for (or paying for) a full scan."""
+        self._outside.pop(pid, None)  # its PID may come back as a job's descendant
         key = self._member_pids.get(pid)
         if key is None:
             return []
         job = self.jobs[self._member_of[key]]
-        job.members.discard(key)
-        job.cpu_seconds.pop(key, None)
-        self._leave(key)
+        self._drop(job, key)
         return [] if job.members else self._end(job, now, "exited", live_pids=())
 
-    def _place_new(self, process: Observed, now: float) -> list[Event]:
-        """A child of a job's process joins that job; anything else is classified."""
-        parent = self._member_pids.get(process.sample.ppid)
+    def _place_new(
+        self, process: Observed, now: float, lineage: Sequence[Sample] = ()
+    ) -> list[Event]:
+        """A descendant of a job's process joins that job, with the processes between
+        (`lineage`, nearest first); anything else is classified."""
+        top = lineage[-1].ppid if lineage else process.sample.ppid
+        parent = self._enclosing(top)
         if parent is not None and process.key not in self._restored:
-            self._join(self.jobs[self._member_of[parent]], process.key)
+            job = self.jobs[self._member_of[parent]]
+            for between in reversed(lineage):
+                if between.key not in self._member_of:
+                    self._ignored.discard(between.key)
+                    self._waiting.discard(between.key)
+                    self._join(job, between.key, OTHER)  # its exe unread: the next scan's
+            self._join(job, process.key, _kind(process))
+            return []
+        fenced = self._fenced(process.identity)
+        if fenced is not None and process.key not in self._restored:
+            self._join(fenced, process.key, _kind(process))
             return []
         return self._classify(process, now)  # a job's child that registered: a job of its own
+
+    def _enclosing(self, pid: int) -> ProcKey | None:
+        """The job's process that `pid` is, or descends from as the last scan's parent
+        links (`_outside`) show; None when none is. Memory only: a few dict lookups."""
+        for _ in range(len(self._outside) + 1):  # one scan's links: a tree, read non-atomically
+            member = self._member_pids.get(pid)
+            if member is not None:
+                return member
+            parent = self._outside.get(pid)
+            if parent is None:
+                return None
+            pid = parent
+        return None
+
+    def _fenced(self, identity: Identity) -> Job | None:
+        """The job whose fence the process is in (inherited at fork), if it still runs:
+        the ancestry of a process whose parent exited before anyone read it (`sh -c
+        "python train.py &"`). Only a fence backend leaves this trace."""
+        key = None if identity.fence is None else job_key(identity.fence)
+        return None if key is None else self.jobs.get(key)
+
+    def _enclose(self, processes: Mapping[ProcKey, Observed], now: float) -> list[Event]:
+        """Membership by ancestry, as this scan's parent links show it. A process in no
+        job whose parent is in one joins that job, however many processes lie between
+        (a shell the exec path let pass, one first seen before its parent joined): nothing
+        is left out for good once its ancestry says otherwise. A job whose root turns out
+        to have its parent in another job is taken into that job. Jobs that registered,
+        and processes with a saved registration, stay jobs of their own. Members stay
+        members when their parent exits (reparented to init or a subreaper)."""
+        events: list[Event] = []
+        children: dict[int, list[ProcKey]] = {}
+        for key, seen in processes.items():
+            if key not in self._member_of and key not in self._restored:
+                children.setdefault(seen.sample.ppid, []).append(key)
+        todo = [pid for pid in self._member_pids if pid in children]
+        while todo:
+            pid = todo.pop()
+            job = self.jobs[self._member_of[self._member_pids[pid]]]
+            for key in children.pop(pid, ()):
+                self._ignored.discard(key)
+                self._waiting.discard(key)
+                self._join(job, key, _kind(processes[key]))
+                todo.append(key.pid)
+        for kids in children.values():  # what is left, in no job: fenced by one of ours?
+            for key in kids:
+                fenced = self._fenced(processes[key].identity)
+                if fenced is not None:
+                    self._ignored.discard(key)
+                    self._waiting.discard(key)
+                    self._join(fenced, key, _kind(processes[key]))
+        for job in sorted(self.jobs.values(), key=lambda j: j.started_at):
+            root = processes.get(job.id)
+            if root is None or job.registration is not None or job.id not in self.jobs:
+                continue
+            parent = self._member_pids.get(root.sample.ppid)
+            into = None if parent is None else self.jobs[self._member_of[parent]]
+            if into is not None and into is not job:
+                events += self._absorb(job, into, now)
+        return events
+
+    def _absorb(self, job: Job, into: Job, now: float) -> list[Event]:
+        """`job`'s root is a descendant of `into`'s process (it became a job before its
+        ancestor did): every member of `job` joins `into`, and `job` ends."""
+        self._foreseen = None
+        for key in job.members:
+            self._member_of[key] = into.id
+            into.members.add(key)
+            into.kinds[key] = job.kinds.get(key, OTHER)
+        del self.jobs[job.id]
+        self._waiting.discard(job.id)
+        reason = f"its process descends from job {into.pid}'s: joined that job"
+        events: list[Event] = []
+        if job.record is not None:
+            events.append(self._close_with_job(job, now, reason))
+        events.append(JobEnded(**job_facts(job), job=job.name, reason=reason, live_pids=()))
+        return events
 
     def _forget_gone_restart_data(self, alive: Iterable[ProcKey]) -> None:
         """Saved registrations and adopted grants of processes that are gone never apply."""
@@ -426,11 +555,17 @@ class JobTable:
         self._recheck -= fresh
         return fresh
 
-    def _libraries_due(self, alive: Iterable[ProcKey], now: float) -> frozenset[ProcKey]:
-        """Processes whose libraries still matter (a `loads` rule may match, or a job may be
-        TensorFlow) and are due for a read."""
+    def _libraries_due(
+        self, processes: Mapping[ProcKey, Observed], now: float
+    ) -> frozenset[ProcKey]:
+        """Processes whose libraries still matter (a `loads` rule may match, or a member of
+        a job may load TensorFlow: every member counts, not only the root) and are due for
+        a read. Each on its own doubling schedule: a member costs a handful of reads."""
         relevant = self._waiting | {
-            job.id for job in self.jobs.values() if not job.tensorflow and job.id in alive
+            key
+            for job in self.jobs.values()
+            for key, kind in job.kinds.items()
+            if kind != TENSORFLOW and key in processes
         }
         return frozenset(
             key
@@ -485,8 +620,7 @@ class JobTable:
             uid=process.identity.uid,
         )
         self.jobs[job.id] = job
-        self._join(job, job.id)
-        self._note_libraries(job, process)
+        self._join(job, job.id, _kind(process))
         return job
 
     def _rule_for(self, process: Observed, job: Job | None) -> Rule | None:
@@ -602,28 +736,38 @@ class JobTable:
         return holdings
 
     def _set_budget(self, job: Job) -> None:
-        """Declared, else the rule's max_threads, else derived from the cores."""
-        if job.settings is not None:
-            job.budget = declared_budget(job.settings, self.policy.defaults.thread_slack)
-            return
-        job.budget = thread_budget(
+        """Declared, else the rule's max_threads, else derived from the cores: the sum of
+        every member's budget for what it runs, plus slack (`budget.job_budget`); a
+        registered root counts with its declaration."""
+        declared = job.settings is not None
+        job.budget = job_budget(
+            (kind for key, kind in job.kinds.items() if not (declared and key == job.id)),
             len(job.cpus),
-            job.tensorflow,
             job.rule.max_threads,
             self.policy.defaults.thread_slack,
+            job.settings,
         )
 
     def _note_libraries(self, job: Job, process: Observed) -> None:
-        if job.tensorflow or process.libraries is None:
+        if job.kinds.get(process.key) == TENSORFLOW or process.libraries is None:
             return
         if loads_library(process.libraries, "tensorflow"):
-            job.tensorflow = True
+            job.kinds[process.key] = TENSORFLOW
             self._set_budget(job)
 
-    def _join(self, job: Job, key: ProcKey) -> None:
+    def _join(self, job: Job, key: ProcKey, kind: str) -> None:
         job.members.add(key)
+        job.kinds[key] = kind
         self._member_of[key] = job.id
         self._member_pids[key.pid] = key
+
+    def _drop(self, job: Job, key: ProcKey) -> None:
+        """`key` leaves `job` (it exited, or registered a job of its own)."""
+        job.members.discard(key)
+        job.kinds.pop(key, None)
+        job.member_threads.pop(key, None)
+        job.cpu_seconds.pop(key, None)
+        self._leave(key)
 
     def _leave(self, key: ProcKey) -> None:
         del self._member_of[key]
@@ -637,17 +781,31 @@ class JobTable:
         self._waiting.discard(job.id)
         del self.jobs[job.id]
         events: list[Event] = []
-        if job.record is not None:  # leaving the job ends its violation too
-            events.append(self._resolve(job, now))
+        if job.record is not None:  # its violation ends with it: not "back within budget"
+            events.append(self._close_with_job(job, now, reason))
         events.append(JobEnded(**job_facts(job), job=job.name, reason=reason, live_pids=live_pids))
         return events
 
     def _resolve(self, job: Job, now: float) -> ViolationEnded:
+        """The job is back within budget."""
+        assert job.record is not None
+        record, job.record = job.record, None
+        record.ended, record.ended_by = now, "resolved"
+        return ViolationEnded(
+            **job_facts(job), peak_threads=record.threads, duration=now - record.started
+        )
+
+    def _close_with_job(self, job: Job, now: float, reason: str) -> ViolationEndedWithJob:
+        """The job ends (`reason`) during a violation: its last count and the peak."""
         assert job.record is not None
         record, job.record = job.record, None
         record.ended = now
-        return ViolationEnded(
-            **job_facts(job), peak_threads=record.threads, duration=now - record.started
+        record.ended_by = "exited" if reason == "exited" else "released"
+        return ViolationEndedWithJob(
+            **job_facts(job),
+            peak_threads=record.threads,
+            duration=now - record.started,
+            reason=reason,
         )
 
     @staticmethod
@@ -656,14 +814,22 @@ class JobTable:
 
     # -- monitoring ----------------------------------------------------------------------
 
-    def _may_be_tensorflow(self, job: Job, processes: Mapping[ProcKey, Observed]) -> bool:
-        """Whether TensorFlow may have loaded since the job's libraries were last read, which
-        would raise its budget. Asked once as a job goes over budget, not every scan."""
-        root = processes.get(job.id)
-        if job.tensorflow or job.rule.max_threads is not None or root is None:
-            return False  # known already, or a budget TensorFlow would not change
-        last = self._library_reads.get(job.id)
-        return last is None or last.threads != root.sample.threads
+    def _stale_libraries(self, job: Job, processes: Mapping[ProcKey, Observed]) -> set[ProcKey]:
+        """Members that may have loaded TensorFlow since their libraries were last read
+        (their thread count changed), which would raise the job's budget. Asked once as a
+        job goes over budget, not every scan."""
+        if job.rule.max_threads is not None and job.settings is None:
+            return set()  # a budget TensorFlow would not change
+        return {
+            key
+            for key, kind in job.kinds.items()
+            if kind != TENSORFLOW
+            and not (job.settings is not None and key == job.id)
+            and (
+                (last := self._library_reads.get(key)) is None
+                or last.threads != processes[key].sample.threads
+            )
+        }
 
     def _in_grace(self, job: Job, now: float) -> bool:
         return now - job.started_at < self.policy.defaults.grace
@@ -675,8 +841,13 @@ class JobTable:
         fresh_libraries: frozenset[ProcKey],
         now: float,
     ) -> list[Event]:
+        for key in job.members:  # exec changes what a member runs; TensorFlow stays loaded
+            if job.kinds.get(key) != TENSORFLOW:
+                job.kinds[key] = _kind(processes[key])
+        self._set_budget(job)
         samples = [processes[key].sample for key in job.members]
-        job.threads = sum(s.threads for s in samples)
+        job.member_threads = {s.key: s.threads for s in samples}
+        job.threads = sum(job.member_threads.values())
         cpu_now = {s.key: s.cpu_seconds for s in samples}
         if job.sampled_at is not None and now > job.sampled_at:
             used = sum(
@@ -689,8 +860,9 @@ class JobTable:
             return []
         over = job.threads > job.budget.threads
         first_over = over and not job.violation.active and job.violation.streak == 0
-        if first_over and job.id not in fresh_libraries and self._may_be_tensorflow(job, processes):
-            self._recheck.add(job.id)
+        stale = self._stale_libraries(job, processes) - fresh_libraries if first_over else None
+        if stale:
+            self._recheck |= stale
             return []  # judge on the next scan, with the libraries read again
         if job.record is not None:
             job.record.threads = max(job.record.threads, job.threads)
@@ -706,6 +878,14 @@ class JobTable:
         if transition is Transition.RESOLVED and job.record is not None:
             return [self._resolve(job, now)]
         return []
+
+
+def _kind(process: Observed) -> str:
+    """What a process runs, as a job's budget sees it: TensorFlow in its libraries (as
+    last read), else a Python interpreter, else anything else."""
+    if process.libraries is not None and loads_library(process.libraries, "tensorflow"):
+        return TENSORFLOW
+    return PYTHON if is_python(process.identity) else OTHER
 
 
 def _placed_afresh(held: frozenset[int], why: str) -> str:

@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.set_defaults(run=_explain)
 
     check = commands.add_parser("check", help="validate a policy file (no daemon needed)")
-    check.add_argument("file", type=Path)
+    check.add_argument("file", type=Path, help="the policy file, e.g. /etc/corecap.toml")
     check.set_defaults(run=_check)
 
     reload = commands.add_parser("reload", help="make corecapd re-read its policy (root)")
@@ -167,6 +167,7 @@ def format_explanation(report: dict[str, Any]) -> str:
         f"PID {report['pid']} (job {report['job']}, rule {report['rule']}): {report['state']},"
         f" {report['threads']} threads, budget {report['budget']} on {report['cpus']} CPUs",
         f"budget: {report['budget_basis']}",
+        *_members(report.get("members", [])),
         "declared: "
         + (
             ", ".join(f"{k} {v}" for k, v in declared.items())
@@ -194,6 +195,17 @@ def format_explanation(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _members(members: list[dict[str, Any]]) -> list[str]:
+    """One line per process of the job: what it runs, its threads and its budget share."""
+    if len(members) < 2:
+        return []
+    lines = [f"members ({len(members)} processes, threads/budget):"]
+    for member in members:
+        share = "-" if member["budget"] is None else str(member["budget"])
+        lines.append(f"  {member['pid']} {member['kind']} {member['threads']}/{share}")
+    return lines
+
+
 def format_violations(records: list[dict[str, Any]]) -> str:
     if not records:
         return "no violations recorded"
@@ -205,11 +217,19 @@ def format_violations(records: list[dict[str, Any]]) -> str:
             str(r["threads"]),
             str(r["budget"]),
             _clock(r["started"]),
-            _clock(r["ended"]) if r["ended"] is not None else "ongoing",
+            _ended(r),
         ]
         for r in records
     ]
     return "\n".join(_table(["PID", "RULE", "PEAK", "BUDGET", "STARTED", "ENDED"], rows))
+
+
+def _ended(record: dict[str, Any]) -> str:
+    """When and how a violation ended: back within budget, or with its job."""
+    if record["ended"] is None:
+        return "ongoing"
+    how = record.get("ended_by")
+    return _clock(record["ended"]) + (f" ({how})" if how else "")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

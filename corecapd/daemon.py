@@ -44,7 +44,7 @@ from corecapd.events import (
     ViolationStarted,
 )
 from corecapd.journal import Reporter, under_journal
-from corecapd.model import KeptRegistration, Observed, ProcKey
+from corecapd.model import KeptRegistration, Observed, ProcKey, Sample
 from corecapd.policy import DEFAULT_POLICY_PATH, Policy, PolicyError, load_policy
 from corecapd.preflight import check_host, check_policy_file
 from corecapd.proc_events import EventsLost, ProcEvent, ProcEventSocket
@@ -55,6 +55,7 @@ from corecapd.state import STATE_FILE, StateError, load_state, save_state
 from corecapd.status import (
     grant_document,
     latency_summary,
+    members_document,
     status_document,
     violations_document,
 )
@@ -64,6 +65,9 @@ RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority", "cgroup
 LATENCY_SAMPLES = 10_000
 GIL_SWITCH_INTERVAL = 0.0001  # seconds; Python's default of 5 ms would dwarf the exec path
 EVENT_DATAGRAMS_PER_WAKE = 4096
+# Ancestors the exec path reads at most to find a Python process's job: shells, env,
+# timeout, nohup and wrappers between a job and its Python are a handful, not dozens.
+MAX_ANCESTRY = 32
 
 
 class StartupError(Exception):
@@ -304,7 +308,8 @@ class Daemon:
         gc.disable()  # a collection now would land on the exec path; it runs right after
         try:
             identity, ppid = self.scanner.procfs.identity_and_parent(pid, exe)
-            foreseen = self.table.foreseen_cpus(pid, ppid, identity) if self.enforcing else None
+            lineage, ancestor = self._lineage(ppid)
+            foreseen = self.table.foreseen_cpus(pid, ancestor, identity) if self.enforcing else None
             if foreseen is not None:
                 self.affinity.pin(pid, foreseen)
             confined_ns = time.monotonic_ns()
@@ -317,17 +322,38 @@ class Daemon:
             return
         if self._changed_meanwhile is not None:
             self._changed_meanwhile.add(pid)
+            self._changed_meanwhile.update(sample.key.pid for sample in lineage)
             self.execs_during_scans += 1
-        events, job = self.table.admit(process, time.time())
+        events, job = self.table.admit(process, time.time(), lineage)
         if job is not None and self.enforcing:
             events += self._confine(job, [pid])  # bookkeeping; sets what was not foreseen
             if job.cpus != foreseen:
                 confined_ns = time.monotonic_ns()
             self.exec_latency_us.append((confined_ns - event.timestamp_ns) / 1000)
+            between = [sample.key.pid for sample in lineage if self.table.job_of(sample.key.pid)]
+            if between:  # they joined with it (forked before the job began, if not confined)
+                events += self._confine(job, between)
             if self.fences is not None:
-                self.fences.confine(job.name, (pid,), job.cpus)  # the fence follows
+                self.fences.confine(job.name, (pid, *between), job.cpus)  # the fence follows
         for reported in events:
             self.reporter.emit(reported)
+
+    def _lineage(self, ppid: int) -> tuple[list[Sample], int]:
+        """The exec path's ancestry walk: the ancestors the table does not know yet
+        (forked since the last scan, like the /bin/sh of `os.system` or the bash of
+        `bash run.sh`), nearest first, and the PID of the first it knows (a job's
+        process, or one in no job). One stat read each (~20 us), usually none or one:
+        the last scan saw every older process."""
+        lineage: list[Sample] = []
+        pid = ppid
+        while not self.table.ancestry_known(pid) and len(lineage) < MAX_ANCESTRY:
+            try:
+                sample = self.scanner.procfs.sample(pid)
+            except (ProcessGone, PermissionError):
+                break  # the chain is cut: what is left is placed as a process of no job
+            lineage.append(sample)
+            pid = sample.ppid
+        return lineage, pid
 
     def _escapes(self) -> list[Event]:
         """Jobs that widened their own masks since the last scan (set back already)."""
@@ -471,12 +497,22 @@ class Daemon:
                     f" itself, not PID {request.pid}"
                 )
             return grant
-        if request.command == "report" and request.report is not None:
-            self._caller(peer, "reported")
+        if request.command == "report":
+            process = self._caller(peer, "reported")
             job = self.table.job_of(peer.pid)
             if job is None:
                 raise CommandFailed(f"PID {peer.pid} is in no job: register first")
-            job.epochs.append(request.report)
+            if request.pools is not None:
+                if job.registration is None or job.id != process.key:
+                    raise CommandFailed(
+                        f"PID {peer.pid} did not register: only the process that registered"
+                        " reports its pools"
+                    )
+                # read after its library applied its limits: they replace what it registered
+                job.registration = dataclasses.replace(job.registration, pools=request.pools)
+                self._save_state()
+            if request.report is not None:
+                job.epochs.append(request.report)
             return {"job": job.pid}
         if request.command == "explain" and request.pid is not None:
             return self._explain(request.pid)
@@ -539,19 +575,22 @@ class Daemon:
             "budget_basis": job.budget.basis,
             "epochs": [{"epoch": e.epoch, "threads": e.threads} for e in job.epochs],
             **diagnosis.as_dict(),
+            "members": members_document(job),
         }
 
     def _diagnose(self, job: Job) -> Diagnosis:
         """Read the evidence (thread names, environment) and ask the pure diagnosis."""
         names: Counter[str] = Counter()
-        for key in job.members:
+        environment: dict[str, str] = {}  # every member's, the root's first
+        for key in sorted(job.members, key=lambda k: (k != job.id, k.start_ticks)):
             with contextlib.suppress(ProcessGone, PermissionError):
                 names += self.scanner.procfs.thread_names(key.pid)
+                found = self.scanner.procfs.environment(key.pid, THREADING_VARIABLES)
+                environment = found | environment
         try:
-            environment = self.scanner.procfs.environment(job.pid, THREADING_VARIABLES)
             process_name = self.scanner.procfs.comm(job.pid)
         except (ProcessGone, PermissionError):
-            environment, process_name = {}, ""
+            process_name = ""
         facts = JobFacts(
             cpus=len(job.cpus),
             threads=job.threads,

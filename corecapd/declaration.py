@@ -100,9 +100,53 @@ def declaration_from(message: Mapping[str, object]) -> Declaration:
     return Declaration(**values)
 
 
+# The variables TensorFlow's runtime reads when it starts (at the first op), by pool.
+TENSORFLOW_POOL_VARIABLES = {
+    "intra_op": "TF_NUM_INTRAOP_THREADS",
+    "inter_op": "TF_NUM_INTEROP_THREADS",
+}
+
+
+def tensorflow_pools(
+    intra_op: int, inter_op: int, environment: Mapping[str, str], cpus: int
+) -> dict[str, int]:
+    """The threads TensorFlow's intra-op and inter-op pools run: its "unset" resolved.
+
+    `intra_op` and `inter_op` are as `tf.config.threading` reports them, where 0 means
+    "let TensorFlow decide"; `environment` holds TF_NUM_INTRAOP_THREADS /
+    TF_NUM_INTEROP_THREADS as the process had them when TensorFlow's runtime started;
+    `cpus` is the number of CPUs in the affinity mask of the thread that started it (at
+    the first op). Each pool runs its setting if above 0, else its variable if that is a
+    positive integer, else one thread per CPU: measured with TensorFlow 2.21 on 1 and 2
+    CPUs (docs/budgets.md, "What TensorFlow runs when it decides").
+
+    Returns {"intra_op": threads, "inter_op": threads}, each at least 1.
+    """
+    configured = {"intra_op": intra_op, "inter_op": inter_op}
+    sizes = {}
+    for pool, variable in TENSORFLOW_POOL_VARIABLES.items():
+        from_environment = _positive(environment.get(variable))
+        if configured[pool] > 0:
+            sizes[pool] = configured[pool]
+        elif from_environment is not None:
+            sizes[pool] = from_environment
+        else:
+            sizes[pool] = max(cpus, 1)
+    return sizes
+
+
+def _positive(text: str | None) -> int | None:
+    try:
+        value = int(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None
+
+
 @dataclass(frozen=True)
 class Pool:
-    """A thread pool the job saw in itself (threadpoolctl's view, or TensorFlow's)."""
+    """A thread pool the job saw in itself (threadpoolctl's view, or TensorFlow's), with
+    its effective size: the threads it runs, never a setting's "unset"."""
 
     layer: str  # "openblas", "openmp", "mkl", "tensorflow-intra-op", ...
     threads: int
@@ -129,7 +173,16 @@ def registration_from(message: Mapping[str, object]) -> Registration:
     initialized = message.get("tensorflow_initialized", False)
     if not isinstance(initialized, bool):
         raise DeclarationError("tensorflow_initialized: expected true or false")
-    raw_pools = message.get("pools", [])
+    pools = pools_from(message.get("pools", []))
+    return Registration(declaration_from(declaration), initialized, pools)
+
+
+def pools_from(raw_pools: object) -> tuple[Pool, ...]:
+    """Validate the pools a job reports (in `register` or a later `report`).
+
+    Raises:
+        DeclarationError: naming the first entry that is not {"layer": str, "threads": int}.
+    """
     if not isinstance(raw_pools, list) or len(raw_pools) > 64:
         raise DeclarationError("pools: expected a list of at most 64 objects")
     pools = []
@@ -144,4 +197,4 @@ def registration_from(message: Mapping[str, object]) -> Registration:
         if not 0 <= threads <= MAX_DECLARED:
             raise DeclarationError(f"pools[{index}].threads: expected 0 to {MAX_DECLARED}")
         pools.append(Pool(layer, threads))
-    return Registration(declaration_from(declaration), initialized, tuple(pools))
+    return tuple(pools)

@@ -209,6 +209,33 @@ class ViolationEnded(JobEvent):
 
 
 @dataclass(frozen=True)
+class ViolationEndedWithJob(JobEvent):
+    """A job ended (its last process exited, or it was let go) while over budget: its
+    violation ends with it, not "back within budget". `threads` is the last count."""
+
+    kind = "violation-ended-with-job"
+    message_id = "6825ff3ef68f4e4bb5e546139c67b482"
+    priority = NOTICE
+    peak_threads: int
+    duration: float
+    reason: str  # why the job ended, as its JobEnded says: "exited", ...
+
+    def message(self) -> str:
+        return (
+            f"PID {self.pid} (rule {self.rule}) ended while over budget ({self.reason}):"
+            f" last {self.threads} threads, budget {self.budget}; peak {self.peak_threads}"
+            f" over {self.duration:.1f} s"
+        )
+
+    def fields(self) -> dict[str, str]:
+        return super().fields() | {
+            "CORECAP_PEAK_THREADS": str(self.peak_threads),
+            "CORECAP_DURATION": f"{self.duration:.3f}",
+            "CORECAP_REASON": self.reason,
+        }
+
+
+@dataclass(frozen=True)
 class EnforcementFailed(JobEvent):
     kind = "enforcement-failed"
     message_id = "fcd14043e687484fb557197f9a09592b"

@@ -13,10 +13,15 @@ BLAS / OpenMP pools to it: through the environment for what has not started yet,
 `tf.config.threading` and threadpoolctl for what has. Without a daemon it applies the same
 settings to the CPUs this process already has, and warns once; so does a daemon that
 refuses (busy: too many connections open).
+
+Every pool size it records or reports is the pool's effective size, the threads it runs:
+TensorFlow's 0 ("let TensorFlow decide") is resolved by `declaration.tensorflow_pools`, and
+the BLAS / OpenMP pools are read after the limits were applied.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.abc
 import importlib.util
 import os
@@ -30,7 +35,14 @@ from types import ModuleType
 from typing import Any
 
 from corecapd.client import DaemonUnreachable, call
-from corecapd.declaration import Declaration, Pool, Settings, declaration_from, resolve
+from corecapd.declaration import (
+    Declaration,
+    Pool,
+    Settings,
+    declaration_from,
+    resolve,
+    tensorflow_pools,
+)
 from corecapd.diagnosis import THREADING_VARIABLES
 from corecapd.policy import DEFAULT_SOCKET
 from corecapd.protocol import ProtocolError, RemoteError
@@ -58,8 +70,18 @@ class Plan:
     notes: list[str]
     daemon: str | None  # the socket that granted it; None when standalone
     tensorflow_initialized_before: bool
-    tensorflow_threads: dict[str, int] = field(default_factory=dict)  # what TF really uses
+    # The threads TensorFlow's pools ran when register() came after its first op
+    # ({"intra_op": n, "inter_op": n}); empty when register() came first.
+    tensorflow_threads: dict[str, int] = field(default_factory=dict)
     epoch_threads: list[int] = field(default_factory=list)
+
+    def tensorflow_pools(self) -> dict[str, int] | None:
+        """The threads TensorFlow's intra-op and inter-op pools run (or will run, once its
+        runtime starts under the settings in force): {"intra_op": n, "inter_op": n}, never
+        TensorFlow's 0; None when TensorFlow is not imported."""
+        if self.tensorflow_threads:
+            return dict(self.tensorflow_threads)
+        return _tensorflow_pools_now()
 
     def data_options(self) -> Any:
         """tf.data.Options whose private pool and autotuner fit the grant."""
@@ -100,7 +122,7 @@ class Plan:
             "notes": self.notes,
             "daemon": self.daemon,
             "environment": {name: os.environ.get(name) for name in THREADING_VARIABLES},
-            "tensorflow": _tensorflow_facts(),
+            "tensorflow": _tensorflow_facts(self),
             "tensorflow_initialized_before_register": self.tensorflow_initialized_before,
             "threadpool_info": threadpool_info(),
             "threads": len(os.listdir("/proc/self/task")),
@@ -136,24 +158,46 @@ def register(
         raise ValueError(f"corecapd.register: {err}") from None
 
     initialized = _tensorflow_initialized()
+    running: dict[str, int] = {}
+    if initialized:
+        # TensorFlow's pools exist and never resize. Read them before anything here changes
+        # the mask or the environment they were sized from, and declare them as they run.
+        running = _tensorflow_pools_now() or {}
+        declaration = dataclasses.replace(declaration, **running)
     path = socket or os.environ.get("CORECAP_SOCKET") or DEFAULT_SOCKET
     granted, notes, daemon = _ask_daemon(Path(path), declaration, initialized)
     settings = resolve(declaration, len(granted))
-    plan = Plan(granted, settings, notes, daemon, initialized)
+    plan = Plan(granted, settings, notes, daemon, initialized, running)
     _apply(plan)
+    if running:
+        message = (
+            "corecapd.register was called after TensorFlow initialised its thread pools: they run"
+            f" intra_op={running['intra_op']}, inter_op={running['inter_op']} threads"
+            f"{_asked_instead(asked, running)} and cannot be resized to the grant"
+            f" of {len(plan.cpus)} CPUs. Call it before the first TensorFlow op."
+        )
+        plan.notes.append(message)
+        warnings.warn(message, CorecapWarning, stacklevel=2)
+    _report_pools(plan)
     return plan
+
+
+def _asked_instead(asked: dict[str, int | None], running: dict[str, int]) -> str:
+    """What the caller asked that TensorFlow does not run (", not the intra_op=1 asked for")."""
+    differ = [f"{k}={asked[k]}" for k in running if asked[k] is not None and asked[k] != running[k]]
+    return f", not the {', '.join(differ)} asked for" if differ else ""
 
 
 def _ask_daemon(
     path: Path, declaration: Declaration, initialized: bool
 ) -> tuple[list[int], list[str], str | None]:
+    """The grant; the pools follow once the limits are applied (`_report_pools`)."""
     try:
         grant = call(
             path,
             "register",
             declaration=declaration.as_dict(),
             tensorflow_initialized=initialized,
-            pools=[{"layer": p.layer, "threads": p.threads} for p in _pools()],
         )
     except (DaemonUnreachable, RemoteError, ProtocolError) as err:
         # No daemon, or one that refused (busy, or this process is not what it expects):
@@ -183,8 +227,19 @@ def _apply(plan: Plan) -> None:
         # TF's runtime reads TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS; the hook makes
         # tf.config.threading say the same as soon as `import tensorflow` completes.
         sys.meta_path.insert(0, _SizeTensorflowOnImport(plan))
+    elif not plan.tensorflow_threads:  # imported, not started: its pools can still be sized
+        _size_tensorflow(tf, plan)
+
+
+def _report_pools(plan: Plan) -> None:
+    """Tell corecapd the pools this process runs, read now that the limits are applied."""
+    pools = [{"layer": p.layer, "threads": p.threads} for p in _pools(plan)]
+    if plan.daemon is None or not pools:
         return
-    _size_tensorflow(tf, plan)
+    try:
+        call(Path(plan.daemon), "report", pools=pools)
+    except (DaemonUnreachable, RemoteError, ProtocolError) as err:
+        _warn_once(f"thread pools not reported to corecapd: {err}")
 
 
 class _SizeTensorflowOnImport(importlib.abc.MetaPathFinder):
@@ -214,23 +269,8 @@ class _SizeTensorflowOnImport(importlib.abc.MetaPathFinder):
 
 
 def _size_tensorflow(tf: Any, plan: Plan) -> None:
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(plan.settings.intra_op)
-        tf.config.threading.set_inter_op_parallelism_threads(plan.settings.inter_op)
-    except RuntimeError:
-        plan.tensorflow_threads = {
-            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
-        }
-        message = (
-            "corecapd.register was called after TensorFlow initialised its thread pools"
-            f" (intra_op={plan.tensorflow_threads['intra_op']},"
-            f" inter_op={plan.tensorflow_threads['inter_op']}, 0 = one per CPU it saw);"
-            f" they cannot be resized to the grant of {len(plan.cpus)} CPUs."
-            " Call it before the first TensorFlow op."
-        )
-        plan.notes.append(message)
-        warnings.warn(message, CorecapWarning, stacklevel=3)
+    tf.config.threading.set_intra_op_parallelism_threads(plan.settings.intra_op)
+    tf.config.threading.set_inter_op_parallelism_threads(plan.settings.inter_op)
 
 
 def _tensorflow_initialized() -> bool:
@@ -243,34 +283,49 @@ def _tensorflow_initialized() -> bool:
     return context.context()._context_handle is not None
 
 
-def _pools() -> list[Pool]:
-    """The thread pools this process runs now: BLAS/OpenMP libraries, and TensorFlow's
-    when its runtime exists (sizes 0 mean "one per CPU it saw")."""
+def _pools(plan: Plan) -> list[Pool]:
+    """The thread pools this process runs now, each with the threads it runs: BLAS/OpenMP
+    libraries as threadpoolctl reads them, and TensorFlow's once its runtime exists."""
     from threadpoolctl import threadpool_info
 
     pools = [
         Pool(str(info["internal_api"]), int(info["num_threads"])) for info in threadpool_info()
     ]
-    if _tensorflow_initialized():
-        tf = sys.modules["tensorflow"]
-        pools.append(
-            Pool("tensorflow-intra-op", tf.config.threading.get_intra_op_parallelism_threads())
-        )
-        pools.append(
-            Pool("tensorflow-inter-op", tf.config.threading.get_inter_op_parallelism_threads())
-        )
+    running = plan.tensorflow_pools() if _tensorflow_initialized() else None
+    if running is not None:
+        pools.append(Pool("tensorflow-intra-op", running["intra_op"]))
+        pools.append(Pool("tensorflow-inter-op", running["inter_op"]))
     return pools
 
 
-def _tensorflow_facts() -> dict[str, Any] | None:
+def _tensorflow_pools_now() -> dict[str, int] | None:
+    """What TensorFlow's pools run, or will run if its runtime starts now (its settings,
+    else the variables, else the CPUs in this thread's mask); None without TensorFlow."""
     tf = sys.modules.get("tensorflow")
     if tf is None:
+        return None
+    return tensorflow_pools(
+        tf.config.threading.get_intra_op_parallelism_threads(),
+        tf.config.threading.get_inter_op_parallelism_threads(),
+        os.environ,
+        len(os.sched_getaffinity(0)),
+    )
+
+
+def _tensorflow_facts(plan: Plan) -> dict[str, Any] | None:
+    tf = sys.modules.get("tensorflow")
+    running = plan.tensorflow_pools()
+    if tf is None or running is None:
         return None
     return {
         "version": tf.__version__,
         "initialized": _tensorflow_initialized(),
-        "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        "intra_op": running["intra_op"],  # threads, TensorFlow's 0 resolved
+        "inter_op": running["inter_op"],
+        "configured": {  # as tf.config.threading says: 0 = "let TensorFlow decide"
+            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        },
     }
 
 

@@ -45,6 +45,10 @@ class Identity:
     # The CPUs its cpuset allows when that is an outer bound someone else set (Slurm,
     # Kubernetes, a container): grants stay inside it. None: the whole host.
     cpuset: frozenset[int] | None = None
+    # The job (its name, Job.name) whose fence corecapd made the process is in: a child
+    # inherits its parent's cgroup at fork, so this names its job even when the parent
+    # exited before it could be read. None: in no fence of ours.
+    fence: str | None = None
 
 
 @dataclass(frozen=True)

@@ -181,8 +181,11 @@ class ProcFS:
         uid = int(_status_field(status, b"Uid")[1])  # effective
         gids = {int(_status_field(status, b"Gid")[1])}
         gids.update(int(gid) for gid in _status_field(status, b"Groups"))
+        with vanishing(pid):
+            cpuset = read_bytes(f"{base}/cpuset").decode().strip()
         identity = Identity(
-            cpuset=self.cpuset_cpus(pid),
+            cpuset=self._bound(cpuset),
+            fence=self._fence(cpuset),
             uid=uid,
             user=_user_name(uid),
             groups=frozenset(_group_name(gid) for gid in gids),
@@ -195,6 +198,10 @@ class ProcFS:
         """The CPUs of the process's cpuset when someone other than corecapd bounds it."""
         with vanishing(pid):
             path = read_bytes(f"{self._prefix}{pid}/cpuset").decode().strip()
+        return self._bound(path)
+
+    def _bound(self, path: str) -> frozenset[int] | None:
+        """`cpuset_cpus` for the cpuset at `path` (as /proc/PID/cpuset names it)."""
         if path == "/" or self._ours(path):
             return None  # the whole host, or a fence of ours (a job's grant may change)
         v1 = self.cgroup_root / "cpuset"
@@ -209,6 +216,17 @@ class ProcFS:
                 return parse_cpulist((directory / name).read_text())
             except FileNotFoundError:
                 continue  # no cpuset controller here (cgroup v2): the nearest ancestor's
+        return None
+
+    def _fence(self, path: str) -> str | None:
+        """The job whose fence of ours `path` is (`<cgroup>/job-<name>`, or
+        `<cgroup>.slice/<cgroup>-<name>.scope` with systemd), else None."""
+        if not self._ours(path):
+            return None
+        leaf = path.rstrip("/").rsplit("/", 1)[-1]
+        for prefix, suffix in (("job-", ""), (f"{self.own_cgroup}-", ".scope")):
+            if leaf.startswith(prefix) and leaf.endswith(suffix):
+                return leaf[len(prefix) : len(leaf) - len(suffix)]
         return None
 
     def _ours(self, path: str) -> bool:

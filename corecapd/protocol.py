@@ -5,10 +5,13 @@ Request:  {"command": "status"}            (ping, status, violations, reload)
           {"command": "register", "declaration": {"cpus": 2, "intra_op": null, ...},
            "tensorflow_initialized": false, "pools": [{"layer": "openblas", "threads": 2}]}
           {"command": "report", "epoch": 3, "threads": 15}
+          {"command": "report", "pools": [{"layer": "openblas", "threads": 1}]}
 Reply:    {"ok": true, "result": ...}  or  {"ok": false, "error": "what was wrong"}
 
 `register` and `report` speak for the calling process, identified by SO_PEERCRED: a
-client can only ever register itself.
+client can only ever register itself. A `report` carries an epoch's thread count, or the
+pools the registered process runs (read after its library applied its limits; they replace
+those it registered with), or both.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corecapd.declaration import DeclarationError, Registration, registration_from
+from corecapd.declaration import (
+    DeclarationError,
+    Pool,
+    Registration,
+    pools_from,
+    registration_from,
+)
 
 MAX_LINE = 64 * 1024
 # Arrays and objects inside one request: a register request nests 3 deep
@@ -33,7 +42,7 @@ COMMANDS: dict[str, frozenset[str]] = {
     "explain": frozenset({"pid"}),
     # "pid" is accepted and ignored: a process registers itself, whatever it claims
     "register": frozenset({"declaration", "tensorflow_initialized", "pools", "pid"}),
-    "report": frozenset({"epoch", "threads"}),
+    "report": frozenset({"epoch", "threads", "pools"}),
 }
 ROOT_ONLY = frozenset({"reload"})
 
@@ -61,7 +70,8 @@ class Request:
     command: str
     pid: int | None = None  # explain; for register, the PID a client claimed (ignored)
     registration: Registration | None = None  # register
-    report: EpochReport | None = None  # report
+    report: EpochReport | None = None  # report: an epoch's thread count
+    pools: tuple[Pool, ...] | None = None  # report: the pools the process runs now
 
 
 def decode_request(line: bytes) -> Request:
@@ -95,8 +105,7 @@ def decode_request(line: bytes) -> Request:
     if command == "explain":
         return Request(command, pid=_count(message, "pid", 1, 1 << 22))
     if command == "report":
-        epoch = _count(message, "epoch", 0, 1 << 31)
-        return Request(command, report=EpochReport(epoch, _count(message, "threads", 1, 1 << 22)))
+        return _report(message)
     if command == "register":
         claimed = _count(message, "pid", 1, 1 << 22) if "pid" in message else None
         try:
@@ -104,6 +113,23 @@ def decode_request(line: bytes) -> Request:
         except DeclarationError as err:
             raise ProtocolError(_brief(f"register: {err}")) from None
     return Request(command)
+
+
+def _report(message: dict[str, Any]) -> Request:
+    """A report of an epoch ("epoch" and "threads"), of the pools ("pools"), or of both."""
+    epoch = None
+    if "epoch" in message or "threads" in message:
+        number = _count(message, "epoch", 0, 1 << 31)
+        epoch = EpochReport(number, _count(message, "threads", 1, 1 << 22))
+    pools = None
+    if "pools" in message:
+        try:
+            pools = pools_from(message["pools"])
+        except DeclarationError as err:
+            raise ProtocolError(_brief(f"report: {err}")) from None
+    if epoch is None and pools is None:
+        raise ProtocolError('report needs "epoch" and "threads", or "pools"')
+    return Request("report", report=epoch, pools=pools)
 
 
 def _brief(message: str, limit: int = 300) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import asdict
 from typing import Any
 
+from corecapd.budget import declared_budget, member_budget
 from corecapd.core import Job, JobTable
 
 
@@ -45,11 +46,36 @@ def status_document(
                 "age": round(now - job.started_at, 1),
                 "tensorflow": job.tensorflow,
                 "pids": sorted(key.pid for key in job.members),
+                "members": members_document(job),
                 "notes": list(job.notes),
             }
             for job in jobs
         ],
     }
+
+
+def members_document(job: Job) -> list[dict[str, Any]]:
+    """Every process of the job, root first: what it runs (`kind`: "tensorflow",
+    "python", "other", or "registered" for a root that declared its pools), its threads
+    at the last scan, and its share of the job's budget without slack (None when the
+    rule's `max_threads` is the budget)."""
+    settings, rows = job.settings, []
+    for key in sorted(job.members, key=lambda k: (k != job.id, k.start_ticks, k.pid)):
+        kind = job.kinds.get(key, "other")
+        share: int | None = None
+        if settings is not None and key == job.id:  # the declaration is the root's
+            kind, share = "registered", declared_budget(settings, slack=0).threads
+        elif settings is not None or job.rule.max_threads is None:
+            share = member_budget(kind, len(job.cpus))
+        rows.append(
+            {
+                "pid": key.pid,
+                "kind": kind,
+                "threads": job.member_threads.get(key, 0),
+                "budget": share,
+            }
+        )
+    return rows
 
 
 def violations_document(table: JobTable) -> list[dict[str, Any]]:

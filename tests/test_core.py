@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -19,6 +20,7 @@ from corecapd.events import (
     JobEnded,
     JobStarted,
     ViolationEnded,
+    ViolationEndedWithJob,
     ViolationStarted,
 )
 from corecapd.model import Identity, Observed, ProcKey, Sample
@@ -362,15 +364,45 @@ def test_children_count_towards_the_budget() -> None:
     assert len(onset) == 1 and onset[0].threads == 6
 
 
-def test_job_exit_ends_its_violation() -> None:
+def test_job_exit_ends_its_violation_as_exited_not_resolved() -> None:
     world = World(TIGHT)
     key = world.spawn(500, threads=9)
     assert len(of_type(world.run(0, 13), ViolationStarted)) == 1
+    world.set(key, threads=16)
+    world.step(13)
     world.kill(key)
-    events = world.step(13)
-    assert [type(e) for e in events] == [ViolationEnded, JobEnded]
+    events = world.step(14)
+    assert [type(e) for e in events] == [ViolationEndedWithJob, JobEnded]
+    closed = events[0]
+    assert isinstance(closed, ViolationEndedWithJob)
+    assert (closed.threads, closed.budget, closed.peak_threads) == (16, 5, 16)  # the last count
+    assert closed.reason == "exited" and closed.duration == pytest.approx(2.0)
+    assert "back within budget" not in closed.message()
+    assert closed.kind != ViolationEnded.kind and closed.message_id != ViolationEnded.message_id
     (record,) = world.table.violations
-    assert record.ended == T0 + 13
+    assert (record.ended, record.ended_by) == (T0 + 14, "exited")
+
+
+def test_violation_that_resolves_says_so() -> None:
+    world = World(TIGHT)
+    key = world.spawn(500, threads=9)
+    world.run(0, 13)
+    world.set(key, threads=1)
+    assert of_type(world.run(13, 16), ViolationEnded)
+    (record,) = world.table.violations
+    assert record.ended_by == "resolved"
+
+
+def test_exit_event_of_a_job_in_violation_ends_it_as_exited() -> None:
+    world = World(TIGHT)
+    key = world.spawn(500, threads=9)
+    world.run(0, 13)
+    assert [type(e) for e in world.table.exited(500, T0 + 13.5)] == [
+        ViolationEndedWithJob,
+        JobEnded,
+    ]
+    assert world.table.violations[0].ended_by == "exited"
+    world.kill(key)
 
 
 def test_violation_history_keeps_ended_and_ongoing() -> None:
@@ -700,7 +732,7 @@ def test_monitor_mode_tracks_jobs_and_violations() -> None:
     world.run(1, 12)
     assert len(of_type(world.step(12), ViolationStarted)) == 1
     world.kill(key)
-    assert [type(e) for e in world.step(13)] == [ViolationEnded, JobEnded]
+    assert [type(e) for e in world.step(13)] == [ViolationEndedWithJob, JobEnded]
 
 
 # -- nothing kept for processes that are gone ---------------------------------------------
@@ -1027,3 +1059,333 @@ def test_foreseen_cpus_are_what_admit_grants(
         _, job = world.table.admit(process, T0)
         if expected is not None:
             assert job is not None and job.cpus == expected
+
+
+# -- jobs are process trees (issue 11) ----------------------------------------------------
+
+TREE_POLICY = """
+[defaults]
+grace = 1
+
+[[rules]]
+name = "parent"
+match.cmdline = "launch"
+cpus = 1
+
+[[rules]]
+name = "child"
+match.exe = ["python*"]
+cpus = 2
+"""
+
+
+def lineage_of(world: World, ppid: int) -> tuple[list[Sample], int]:
+    """What the exec path reads (daemon._lineage): the parents the table does not know,
+    nearest first, and the PID of the first it knows."""
+    by_pid = {key.pid: key for key in world.procs}
+    lineage: list[Sample] = []
+    while not world.table.ancestry_known(ppid) and ppid in by_pid:
+        lineage.append(world.procs[by_pid[ppid]].sample)
+        ppid = lineage[-1].ppid
+    return lineage, ppid
+
+
+def exec_python(world: World, key: ProcKey, cmdline: tuple[str, ...]) -> tuple[list[Event], Any]:
+    """`key` execs Python, and the exec path decides, as daemon._admit does."""
+    process = execs(world, key, PYTHON, cmdline, mark=key.pid)
+    lineage, ancestor = lineage_of(world, process.sample.ppid)
+    expected = world.table.foreseen_cpus(key.pid, ancestor, process.identity)
+    events, job = world.table.admit(process, T0 + 0.5, lineage)
+    if expected is not None:
+        assert job is not None and job.cpus == expected
+    return events, job
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        [("/usr/bin/dash", ("sh", "-c", "python3 trial.py; true"))],  # os.system
+        [("/usr/bin/bash", ("bash", "run.sh"))],
+        [("/usr/bin/timeout", ("timeout", "60", "python3"))],
+        [("/usr/bin/env", ("env", "A=1", "sh", "-c", "x")), ("/usr/bin/dash", ("sh", "-c"))],
+    ],
+    ids=["sh -c", "bash run.sh", "timeout", "env + sh"],
+)
+def test_python_below_unmatched_processes_joins_the_job_at_exec(
+    between: list[tuple[str, tuple[str, ...]]],
+) -> None:
+    world = World(TREE_POLICY, online=range(4))
+    launcher = world.spawn(500, cmdline=("python3", "launch.py"))
+    world.step(0)
+    parent = launcher
+    for n, (exe, cmdline) in enumerate(between):  # forked since the scan: unknown to it
+        parent = world.spawn(501 + n, ppid=parent.pid, exe=exe, cmdline=cmdline)
+    trial = world.spawn(600, ppid=parent.pid, cmdline=("python3", "trial.py"))
+    events, job = exec_python(world, trial, ("python3", "trial.py"))
+    assert events == [] and job is world.table.jobs[launcher]  # not a job under "child"
+    assert job.members == set(world.procs)  # the processes between are members too
+    assert world.table.ancestry_known(parent.pid)  # the next trial costs no read
+    assert lineage_of(world, parent.pid) == ([], parent.pid)
+    assert not of_type(world.step(1), JobStarted) and set(world.table.jobs) == {launcher}
+    assert job.members == set(world.procs)
+
+
+def test_a_process_left_out_joins_once_its_ancestry_says_so() -> None:
+    world = World(TREE_POLICY, online=range(4))
+    shell = world.spawn(500, exe="/usr/bin/bash", cmdline=("bash",))
+    script = world.spawn(501, ppid=500, exe="/usr/bin/dash", cmdline=("sh", "run.sh"))
+    helper = world.spawn(502, ppid=501, cmdline=("python3", "-m", "http.server"), uid=33)
+    assert world.step(0) == [] and world.table.jobs == {}  # a system user's: ignored
+    # The shell execs the launcher: the script and its Python are below a job now.
+    world.procs[shell] = execs(world, shell, PYTHON, ("python3", "launch.py"), mark=9)
+    events, job = world.table.admit(world.procs[shell], T0 + 1)
+    assert [type(e) for e in events] == [JobStarted] and job is not None
+    assert world.step(1) == []  # joining is no event
+    assert world.table.jobs[shell].members == {shell, script, helper}
+
+
+def test_a_job_found_below_another_job_is_taken_into_it() -> None:
+    world = World(TREE_POLICY, online=range(4))
+    shell = world.spawn(500, exe="/usr/bin/bash", cmdline=("bash", "go.sh"))
+    worker = world.spawn(501, ppid=500, cmdline=("python3", "worker.py"))
+    world.step(0)
+    assert set(world.table.jobs) == {worker}  # "child": the shell is in no job
+    world.procs[shell] = execs(world, shell, PYTHON, ("python3", "launch.py"), mark=9)
+    world.table.admit(world.procs[shell], T0 + 0.5)
+    events = world.step(1)
+    [ended] = of_type(events, JobEnded)
+    assert ended.pid == 501 and "descends from job 500" in ended.reason
+    assert ended.live_pids == ()  # its processes stay confined, to the enclosing grant
+    assert set(world.table.jobs) == {shell}
+    assert world.table.jobs[shell].members == {shell, worker}
+    assert world.table.job_of(501) is world.table.jobs[shell]
+
+
+def test_a_member_whose_parent_exits_stays_in_its_job() -> None:
+    world = World(TREE_POLICY, online=range(4))
+    launcher = world.spawn(500, cmdline=("python3", "launch.py"))
+    shell = world.spawn(501, ppid=500, exe="/usr/bin/dash", cmdline=("sh", "-c", "x &"))
+    orphan = world.spawn(502, ppid=501, cmdline=("python3", "trial.py"))
+    world.step(0)
+    assert world.table.jobs[launcher].members == {launcher, shell, orphan}
+    world.kill(shell)
+    world.table.exited(501, T0 + 0.5)
+    world.procs[orphan] = replace(
+        world.procs[orphan], sample=replace(world.procs[orphan].sample, ppid=1)
+    )  # reparented to init
+    for at in range(1, 4):
+        assert world.step(at) == []
+    assert world.table.jobs[launcher].members == {launcher, orphan}
+    world.kill(launcher)
+    assert world.step(4) == []  # the job goes on with the orphan
+    world.kill(orphan)
+    assert [e.pid for e in of_type(world.step(5), JobEnded)] == [500]
+
+
+def test_exits_make_a_pid_unknown_to_the_exec_path_again() -> None:
+    world = World(TREE_POLICY, online=range(4))
+    world.spawn(400, exe="/usr/bin/bash", cmdline=("bash",))
+    world.step(0)
+    assert world.table.ancestry_known(400) and not world.table.ancestry_known(401)
+    world.table.exited(400, T0)
+    assert not world.table.ancestry_known(400)  # a reused PID may be a job's descendant
+    assert world.table.ancestry_known(1)
+
+
+# -- facts from every member --------------------------------------------------------------
+
+
+def test_tensorflow_in_a_child_is_found_and_budgets_the_whole_job() -> None:
+    world = World(TREE_POLICY.replace("cpus = 1", "cpus = 2"), online=range(4))
+    launcher = world.spawn(500, cmdline=("python3", "launch.py"), threads=1)
+    world.spawn(501, ppid=500, exe="/usr/bin/dash", cmdline=("sh", "-c", "x"))
+    trial = world.spawn(502, ppid=501, cmdline=("python3", "w_tf.py"), libraries=PLAIN_LIBS)
+    world.step(0)
+    job = world.table.jobs[launcher]
+    python, tensorflow = 4 + 2 * 2, 6 + 7 * 2
+    assert job.budget.threads == 2 * python + 1 + 8  # launcher + trial + the shell, + slack
+    assert not job.tensorflow
+    world.set(trial, libraries=TF_LIBS, threads=19)  # `import tensorflow`, a default fit
+    at = 0.0
+    while not job.tensorflow and at < 10:
+        at = round(at + 0.1, 1)
+        world.step(at)
+    assert job.tensorflow and 0 < at <= 4  # read on the trial's own doubling schedule
+    assert job.budget.threads == python + tensorflow + 1 + 8
+    assert "1 TensorFlow" in job.budget.basis and "1 other" in job.budget.basis
+    for later in range(5, 30):
+        world.set(launcher, threads=2)
+        assert not of_type(world.step(later), ViolationStarted)  # 21 threads < 39: no alarm
+    assert trial not in world.table.libraries_wanted  # TensorFlow: never read again
+    world.kill(trial)
+    world.step(30)
+    assert not job.tensorflow and job.budget.threads == python + 1 + 8
+
+
+def test_members_libraries_are_read_at_doubling_ages_each() -> None:
+    world = World(TREE_POLICY, online=range(4))
+    launcher = world.spawn(500, cmdline=("python3", "launch.py"))
+    world.step(0)
+    trial = world.spawn(501, ppid=500, started_at=T0 + 50)
+    for tick in range(1, 1001):
+        world.step(tick / 10)
+    for key, born in ((launcher, 0.0), (trial, 50.0)):
+        ages = [t - born for t in world.read_times(key) if t > born]
+        assert 4 <= len(ages) <= 12, ages
+        for earlier, later in itertools.pairwise(ages):
+            assert 2 * earlier <= later <= 2 * earlier + 0.21, ages
+
+
+def test_a_child_over_budget_gets_its_libraries_read_before_a_violation() -> None:
+    world = World(TREE_POLICY)
+    launcher = world.spawn(500, cmdline=("python3", "launch.py"), threads=1)
+    trial = world.spawn(501, ppid=500, threads=1, libraries=PLAIN_LIBS)
+    world.run(0, 40)
+    world.set(trial, threads=25, libraries=TF_LIBS)  # over the two-Python budget
+    assert world.step(40) == []
+    assert trial in world.table.libraries_wanted and launcher not in world.table.libraries_wanted
+    world.run(41, 60)
+    assert world.table.jobs[launcher].tensorflow and not world.table.violations
+
+
+def test_an_oversized_trial_below_a_shell_is_a_violation_of_the_parent_job() -> None:
+    world = World(TREE_POLICY)
+    launcher = world.spawn(500, cmdline=("python3", "launch.py"))
+    world.step(0)
+    shell = world.spawn(501, ppid=500, exe="/usr/bin/dash", cmdline=("sh", "-c", "t"))
+    trial = world.spawn(502, ppid=501, cmdline=("python3", "w_tf.py", "--intra", "16"))
+    exec_python(world, trial, ("python3", "w_tf.py"))
+    world.set(trial, threads=42, libraries=TF_LIBS)
+    events = world.run(1, 10)
+    [onset] = of_type(events, ViolationStarted)
+    assert onset.pid == 500 and onset.threads == 44  # launcher + shell + the trial's 42
+    assert onset.budget == (4 + 2) + (6 + 7) + 1 + 8
+    assert world.table.jobs[launcher].members == {launcher, shell, trial}
+
+
+# -- invariants over random process trees -------------------------------------------------
+
+PROGRAMS = [
+    ("/usr/bin/dash", ("sh", "-c", "x")),
+    (PYTHON, ("python3", "launch.py")),  # rule "parent"
+    (PYTHON, ("python3", "trial.py")),  # rule "child"
+    ("/usr/bin/timeout", ("timeout", "60")),
+]
+
+
+@dataclass(frozen=True)
+class TreeOp:
+    kind: str  # "fork", "exec", "exit", "scan"
+    who: int
+    what: int
+
+
+tree_ops = st.lists(
+    st.builds(
+        TreeOp,
+        st.sampled_from(["fork", "fork", "exec", "exec", "exit", "scan"]),
+        st.integers(0, 60),
+        st.integers(0, len(PROGRAMS) - 1),
+    ),
+    max_size=50,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tree_ops)
+def test_invariants_over_random_fork_exec_exit(history: list[TreeOp]) -> None:
+    """Forks, execs (the exec path, with its ancestry walk) and exits in any order, scans
+    between: every process in at most one job; a job's process runs on CPUs within its
+    grant, and after a scan so does every process below a job (masks as the daemon sets
+    them: inherited at fork, set at exec and at every scan; a process forked before its
+    ancestor became a job waits for that scan); after a scan, a process whose parent is in
+    a job is in that job; no job outlives its last member."""
+    online = frozenset(range(6))
+    world = World(TREE_POLICY, online=online)
+    init = world.spawn(100, ppid=0, exe="/sbin/init", cmdline=("init",), uid=0, user="root")
+    masks = {init: online}
+    next_pid = 1000
+    for at, op in enumerate(history):
+        live = sorted(world.procs)
+        target = live[op.who % len(live)]
+        if op.kind == "fork":
+            seen = world.procs[target]
+            child = world.spawn(
+                next_pid, ppid=target.pid, exe=seen.identity.exe, cmdline=seen.identity.cmdline
+            )
+            masks[child] = masks[target]
+            next_pid += 1
+        elif op.kind == "exec" and target != init:
+            exe, cmdline = PROGRAMS[op.what]
+            process = execs(world, target, exe, cmdline, mark=at + 1)
+            if world.table.may_match_exe(os.path.basename(exe)):
+                lineage, _ = lineage_of(world, process.sample.ppid)
+                enclosing = nearest_job(world, process.sample.ppid)
+                _, job = world.table.admit(process, T0 + at, lineage)
+                if job is not None:  # the exec path confines it and the processes between
+                    for key in (target, *(sample.key for sample in lineage)):
+                        masks[key] = job.cpus
+                if enclosing is not None:  # never a job of its own under another rule
+                    assert job is not None and job.id in (enclosing.id, target)
+        elif op.kind == "exit" and target != init:
+            world.kill(target)
+            del masks[target]
+            for key, seen in list(world.procs.items()):
+                if seen.sample.ppid == target.pid:  # reparented to init
+                    world.procs[key] = replace(seen, sample=replace(seen.sample, ppid=init.pid))
+            world.table.exited(target.pid, T0 + at)
+        elif op.kind == "scan":
+            world.step(at)
+            for job in world.table.jobs.values():
+                for key in job.members:
+                    masks[key] = job.cpus
+            for key, seen in world.procs.items():
+                parent = world.table.job_of(seen.sample.ppid)
+                if parent is not None:
+                    assert world.table.job_of(key.pid) is parent, "below a job, not in it"
+
+        members: set[ProcKey] = set()
+        for job in world.table.jobs.values():
+            assert job.members and job.members <= world.procs.keys(), "a job without members"
+            assert not members & job.members, "a process in two jobs"
+            members |= job.members
+        for key in world.procs:
+            job = nearest_job(world, key.pid)
+            if job is not None and (op.kind == "scan" or key in members):
+                assert masks[key] <= job.cpus, "a descendant outside its job's grant"
+
+
+def nearest_job(world: World, pid: int) -> Any:
+    """The job of `pid` or of its nearest ancestor in one, by the current parent links."""
+    by_pid = {key.pid: key for key in world.procs}
+    while pid in by_pid:
+        job = world.table.job_of(pid)
+        if job is not None:
+            return job
+        pid = world.procs[by_pid[pid]].sample.ppid
+    return None
+
+
+def test_a_process_whose_parent_exited_unseen_joins_the_job_its_fence_names() -> None:
+    """`sh -c "python train.py &"`: the shell is gone before the Python's exec is read,
+    so no parent link leads to the job; the cgroup it inherited at fork does."""
+    world = World(TREE_POLICY, online=range(4))
+    launcher = world.spawn(500, cmdline=("python3", "launch.py"))
+    world.step(0)
+    name = world.table.jobs[launcher].name
+    orphan = world.spawn(600, ppid=1, cmdline=("python3", "trial.py"))
+    world.procs[orphan] = replace(
+        world.procs[orphan], identity=replace(world.procs[orphan].identity, fence=name)
+    )
+    assert foreseen(world.table, world.procs[orphan]) == world.cpus(launcher)
+    events, job = world.table.admit(world.procs[orphan], T0 + 0.5)
+    assert events == [] and job is world.table.jobs[launcher]
+    # Found by a scan alone too; a fence of a job that is gone names nothing.
+    late = world.spawn(601, ppid=1, cmdline=("python3", "trial.py"))
+    stale = world.spawn(602, ppid=1, cmdline=("python3", "other.py"))
+    for key, fence in ((late, name), (stale, "999-1")):
+        seen = world.procs[key]
+        world.procs[key] = replace(seen, identity=replace(seen.identity, fence=fence))
+    started = of_type(world.step(1), JobStarted)
+    assert world.table.jobs[launcher].members == {launcher, orphan, late}
+    assert [e.pid for e in started] == [602]  # "child": a job of its own

@@ -84,7 +84,14 @@ def test_violation_onset_and_resolution_logged_once_each(
         defaults={"violation_after": 3},
         rules=marked_rule(marker, "capped", cpus=1, max_threads=5),
     )
-    job = processes.python(THREADS, "10", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    # Its threads end at the first line of input; the process at the end of input.
+    job = processes.python(
+        THREADS.replace("sys.stdin.read()\nstop.set()", "sys.stdin.readline()\nstop.set()")
+        + "sys.stdin.read()\n",
+        "10",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     assert job.stdout is not None and job.stdin is not None
     job.stdout.readline()
     onset = daemon.wait_event("violation-started", pid=str(job.pid))
@@ -93,15 +100,18 @@ def test_violation_onset_and_resolution_logged_once_each(
     ongoing = [v for v in daemon.call("violations") if v["pid"] == job.pid]
     assert len(ongoing) == 1 and ongoing[0]["ended"] is None
 
-    job.stdin.close()  # its threads end, the process exits
+    job.stdin.write(b"\n")  # its threads end; the process stays until its stdin closes
+    job.stdin.flush()
     ended = daemon.wait_event("violation-ended", pid=str(job.pid))
-    assert ended["peak_threads"] == "11"
+    assert ended["peak_threads"] == "11" and ended["threads"] == "1"
+    job.stdin.close()
     daemon.wait_event("job-ended", pid=str(job.pid))
     assert len(daemon.events("violation-started", pid=str(job.pid))) == 1
     assert len(daemon.events("violation-ended", pid=str(job.pid))) == 1
     [record] = [v for v in daemon.call("violations") if v["pid"] == job.pid]
     assert record["ended"] is not None and record["ended"] >= record["started"]
     assert record == record | {"rule": "capped", "threads": 11, "budget": 5}
+    assert record["ended_by"] == "resolved"
 
 
 def test_short_spikes_below_violation_after_are_not_violations(

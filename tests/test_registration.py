@@ -11,8 +11,12 @@ from typing import Any
 
 import pytest
 from conftest import PYTHON, Daemon, Processes, StartDaemon, marked_rule
+from hypothesis import given
+from hypothesis import strategies as st
 
 from corecapd.client import call
+from corecapd.declaration import tensorflow_pools
+from corecapd.diagnosis import THREADING_VARIABLES
 from corecapd.protocol import RemoteError
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -107,6 +111,118 @@ def test_a_declaration_wider_than_the_grant_is_accepted_as_oversubscribed(
     job, manifest = run_job(processes, daemon, cpus=1, intra_op=8)
     assert "intra_op=8 on 1 CPUs: oversubscribed by design" in " ".join(manifest["notes"])  # type: ignore[arg-type]
     assert daemon.wait_job(job.pid)["budget"] == 8 + 1 + 2 + 1 + 11 + 8
+
+
+# numpy loads OpenBLAS, which sizes its pool to the mask (both CPUs: the job is unmatched)
+# before the job registers for 1 CPU.
+BLAS_FIRST_JOB = """
+import json, sys
+import numpy
+from threadpoolctl import threadpool_info
+before = {info["internal_api"]: info["num_threads"] for info in threadpool_info()}
+import corecapd
+plan = corecapd.register(cpus=1)
+print(json.dumps({"before": before, "manifest": plan.manifest()}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_daemon_gets_the_blas_pools_as_register_left_them(
+    daemon: Daemon, processes: Processes
+) -> None:
+    environment = {k: v for k, v in os.environ.items() if k not in THREADING_VARIABLES}
+    job = processes.run(
+        [PYTHON, "-c", BLAS_FIRST_JOB, "unmarked"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=environment | {"CORECAP_SOCKET": str(daemon.socket)},
+    )
+    assert job.stdout is not None
+    seen = json.loads(job.stdout.readline())
+    assert seen["before"]["openblas"] == len(CPUS)  # sized to the mask as numpy loaded
+    [openblas] = [i for i in seen["manifest"]["threadpool_info"] if i["internal_api"] == "openblas"]
+    assert openblas["num_threads"] == 1
+    explained = daemon.call("explain", pid=job.pid)
+    assert {p["layer"]: p["threads"] for p in explained["pools"]}["openblas"] == 1
+    assert not [hint for hint in explained["hints"] if "openblas" in hint]
+
+
+# A job by its rule that never registered reports pools, once the daemon has it as a job.
+REPORTING_JOB = """
+import os, sys, time
+from pathlib import Path
+from corecapd.client import call
+from corecapd.protocol import RemoteError
+socket, pools = Path(os.environ["CORECAP_SOCKET"]), [{"layer": "openblas", "threads": 1}]
+for _ in range(500):
+    try:
+        call(socket, "report", pools=pools)
+        print("accepted", flush=True)
+        break
+    except RemoteError as err:
+        if "register first" not in str(err):
+            print(err, flush=True)
+            break
+    time.sleep(0.02)
+sys.stdin.read()
+"""
+
+
+def test_only_the_process_that_registered_reports_its_pools(
+    daemon: Daemon, processes: Processes
+) -> None:
+    pools = [{"layer": "openblas", "threads": 1}]
+    with pytest.raises(RemoteError, match="is in no job: register first"):
+        call(daemon.socket, "report", pools=pools)
+    job = processes.python(
+        REPORTING_JOB,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, CORECAP_SOCKET=str(daemon.socket)),
+    )
+    assert job.stdout is not None
+    answer = job.stdout.readline().decode()
+    assert "did not register: only the process that registered reports its pools" in answer
+    assert daemon.call("explain", pid=job.pid)["pools"] == []
+
+
+@pytest.mark.parametrize(
+    ("intra_op", "inter_op", "environment", "cpus", "expected"),
+    [
+        # Measured with TensorFlow 2.21 (docs/budgets.md): unset pools run one thread per
+        # CPU in the mask at the first op, 1 and 2 CPUs alike.
+        (0, 0, {}, 1, (1, 1)),
+        (0, 0, {}, 2, (2, 2)),
+        (3, 1, {}, 2, (3, 1)),
+        (0, 1, {}, 2, (2, 1)),
+        (0, 0, {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "3"}, 2, (1, 3)),
+        (2, 0, {"TF_NUM_INTRAOP_THREADS": "5"}, 1, (2, 1)),  # the setting over its variable
+        (0, 0, {"TF_NUM_INTRAOP_THREADS": "0", "TF_NUM_INTEROP_THREADS": "x"}, 2, (2, 2)),
+    ],
+)
+def test_tensorflow_pools_resolve_its_unset_to_the_threads_it_runs(
+    intra_op: int, inter_op: int, environment: dict[str, str], cpus: int, expected: tuple[int, int]
+) -> None:
+    pools = tensorflow_pools(intra_op, inter_op, environment, cpus)
+    assert (pools["intra_op"], pools["inter_op"]) == expected
+
+
+@given(
+    st.integers(0, 64),
+    st.integers(0, 64),
+    st.dictionaries(
+        st.sampled_from(["TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"]),
+        st.one_of(st.integers(-2, 64).map(str), st.text(max_size=3)),
+    ),
+    st.integers(1, 256),
+)
+def test_tensorflow_pools_are_never_zero_and_a_setting_is_taken_as_is(
+    intra_op: int, inter_op: int, environment: dict[str, str], cpus: int
+) -> None:
+    pools = tensorflow_pools(intra_op, inter_op, environment, cpus)
+    assert min(pools.values()) >= 1
+    for name, configured in (("intra_op", intra_op), ("inter_op", inter_op)):
+        assert pools[name] == configured or configured == 0
 
 
 def test_a_client_cannot_register_another_pid(daemon: Daemon) -> None:

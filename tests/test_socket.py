@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import socket
 import struct
@@ -19,11 +20,13 @@ from conftest import PYTHON, Daemon, Processes, StartDaemon, thread_affinities, 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from corecapd.declaration import Pool
 from corecapd.protocol import (
     COMMANDS,
     MAX_DEPTH,
     MAX_LINE,
     CommandFailed,
+    EpochReport,
     ProtocolError,
     decode_request,
 )
@@ -184,6 +187,30 @@ def test_decoder_accepts_a_full_register_request() -> None:
     )
     assert request.registration is not None
     assert request.registration.declaration.cpus == 2
+
+
+def test_decoder_accepts_reports_of_an_epoch_of_pools_or_both() -> None:
+    pools = b'"pools": [{"layer": "openblas", "threads": 1}]'
+    request = decode_request(b'{"command": "report", ' + pools + b"}\n")
+    assert request.pools == (Pool("openblas", 1),) and request.report is None
+    request = decode_request(b'{"command": "report", "epoch": 2, "threads": 9, ' + pools + b"}")
+    assert request.pools == (Pool("openblas", 1),) and request.report == EpochReport(2, 9)
+    request = decode_request(b'{"command": "report", "epoch": 2, "threads": 9}')
+    assert request.pools is None and request.report == EpochReport(2, 9)
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (b'{"command": "report"}', 'report needs "epoch" and "threads", or "pools"'),
+        (b'{"command": "report", "epoch": 1}', 'report needs "threads"'),
+        (b'{"command": "report", "pools": [{"layer": "openmp"}]}', "report: pools[0]"),
+        (b'{"command": "report", "pools": {"openmp": 2}}', "report: pools: expected a list"),
+    ],
+)
+def test_decoder_refuses_a_report_of_nothing_or_of_malformed_pools(line: bytes, error: str) -> None:
+    with pytest.raises(ProtocolError, match=re.escape(error)):
+        decode_request(line)
 
 
 class Huge(int):

@@ -9,6 +9,8 @@ import subprocess
 import pytest
 from conftest import Processes, StartDaemon, marked_rule
 
+from corecapd.diagnosis import THREADING_VARIABLES
+
 pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.tensorflow
 
@@ -138,7 +140,11 @@ def test_tensorflow_pools_of_16_on_one_core_are_diagnosed(
 
 
 LATE_REGISTRATION = """
-import json, sys, warnings
+import json, os, sys, time, warnings
+cpus = int(sys.argv[2])
+deadline = time.monotonic() + 20
+while len(os.sched_getaffinity(0)) != cpus and time.monotonic() < deadline:
+    time.sleep(0.01)  # corecapd confines us within a scan; TF must start confined
 import tensorflow as tf
 tf.constant(1.0) + 1.0                       # the runtime and its pools exist now
 import corecapd
@@ -148,28 +154,48 @@ with warnings.catch_warnings(record=True) as caught:
 print(json.dumps({
     "warnings": [str(w.message) for w in caught],
     "manifest": plan.manifest(),
+    "tensorflow_threads": plan.tensorflow_threads,
 }), flush=True)
 sys.stdin.read()
 """
 
 
-def test_registering_after_tensorflow_started_warns_and_tells_the_daemon(
-    start_daemon: StartDaemon, processes: Processes, marker: str
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_registering_after_tensorflow_started_records_the_pools_it_runs(
+    start_daemon: StartDaemon, processes: Processes, marker: str, cpus: int
 ) -> None:
-    daemon = start_daemon(rules=marked_rule(marker, "late", cpus=1))
+    if len(os.sched_getaffinity(0)) < cpus:
+        pytest.skip(f"needs {cpus} CPUs")
+    daemon = start_daemon(rules=marked_rule(marker, "late", cpus=cpus))
+    environment = {k: v for k, v in os.environ.items() if k not in THREADING_VARIABLES}
     job = processes.python(
         LATE_REGISTRATION,
+        str(cpus),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env=dict(os.environ, CORECAP_SOCKET=str(daemon.socket)),
+        env=environment | {"CORECAP_SOCKET": str(daemon.socket)},
     )
     assert job.stdout is not None
     result = json.loads(job.stdout.readline())
+    # Unset, TensorFlow's pools run one thread per CPU it saw at the first op (measured:
+    # docs/budgets.md), whatever register() asks for afterwards.
+    running = {"intra_op": cpus, "inter_op": cpus}
     [warning] = [w for w in result["warnings"] if "after TensorFlow initialised" in w]
-    assert "intra_op=0, inter_op=0" in warning
+    assert f"they run intra_op={cpus}, inter_op={cpus} threads" in warning
+    assert ("not the intra_op=1, inter_op=1 asked for" in warning) == (cpus != 1)
+    assert result["tensorflow_threads"] == running
     manifest = result["manifest"]
     assert manifest["tensorflow_initialized_before_register"] is True
-    assert manifest["tensorflow"]["initialized"] is True
+    tensorflow = manifest["tensorflow"]
+    assert tensorflow["initialized"] is True
+    assert {k: tensorflow[k] for k in running} == running
+    assert tensorflow["configured"] == {"intra_op": 0, "inter_op": 0}  # TF's "unset"
+    assert {k: manifest["settings"][k] for k in running} == running
+    # What the daemon got: TF's pools as they run, BLAS as register() left it (1 CPU).
     explained = daemon.call("explain", pid=job.pid)
     layers = {pool["layer"]: pool["threads"] for pool in explained["pools"]}
-    assert layers["tensorflow-intra-op"] == 0 and layers["tensorflow-inter-op"] == 0
+    assert layers["tensorflow-intra-op"] == cpus and layers["tensorflow-inter-op"] == cpus
+    assert layers["openblas"] == 1
+    assert {k: explained["declared"][k] for k in running} == running
+    status = daemon.wait_job(job.pid)
+    assert status["budget_basis"].startswith(f"declared: intra {cpus} + inter {cpus}")
