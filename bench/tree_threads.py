@@ -20,16 +20,10 @@ import subprocess
 import sys
 import time
 
+from thread_counts import SEED_FIT  # bench/: the same seed Keras fit as the per-process figures
+
 from corecapd.budget import OTHER, PYTHON, TENSORFLOW, job_budget
 
-SEED_FIT = """
-import numpy as np, tensorflow as tf
-model = tf.keras.Sequential([
-    tf.keras.Input((20,)), tf.keras.layers.Dense(64, activation="relu"), tf.keras.layers.Dense(1),
-])
-model.compile(optimizer="adam", loss="mse")
-model.fit(np.random.rand(10000, 20), np.random.rand(10000, 1), epochs=3, verbose=0)
-"""
 LAUNCHER = """
 import shlex, subprocess, sys
 n, shell, fit = int(sys.argv[1]), sys.argv[2] == "shell", sys.argv[3]
