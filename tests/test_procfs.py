@@ -10,7 +10,29 @@ from pathlib import Path
 
 import pytest
 
-from corecapd.procfs import READ_SIZE, SCAN_BREAK, ProcessGone, ProcFS, Scanner, online_cpus
+from corecapd.procfs import (
+    MAX_CMDLINE,
+    READ_SIZE,
+    SCAN_BREAK,
+    ProcessGone,
+    ProcFS,
+    Scanner,
+    online_cpus,
+)
+
+
+def test_a_huge_command_line_is_read_only_as_far_as_rules_look() -> None:
+    """A job chooses its arguments, up to ARG_MAX: the exec path reads the first
+    MAX_CMDLINE bytes (and a read beyond), not megabytes."""
+    argv = ["/bin/sh", "-c", "read line", "sh", "MARKER", *["x" * 1000] * 1000]
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE)
+    try:
+        cmdline = ProcFS().identity(child.pid).cmdline
+        assert cmdline[:5] == ("/bin/sh", "-c", "read line", "sh", "MARKER")
+        assert sum(len(arg) + 1 for arg in cmdline) <= MAX_CMDLINE + READ_SIZE
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_sample_and_identity_of_this_process() -> None:
