@@ -163,7 +163,8 @@ KEYS: tuple[Key, ...] = (
         "rules[].match.cmdline",
         "regular expression",
         None,
-        "A regular expression searched in the process's arguments joined by spaces.",
+        "A regular expression searched in the process's arguments joined by spaces"
+        " (the first 64 KiB of them).",
     ),
     Key(
         "rules[].match.users",
