@@ -331,7 +331,10 @@ def test_a_user_churning_connections_does_not_delay_root(
         started = time.monotonic()
         daemon.call("status", timeout=10)
         slowest = max(slowest, time.monotonic() - started)
-    assert slowest < 0.5, f"root's status took {slowest:.2f} s beside the churn"
+    # Before root's socket and the accept loop: 4.5-7.9 s (asyncio's server accepted the
+    # churn in batches of up to its backlog); now ~2 ms idle. The bound leaves room for a
+    # loaded CI machine and still tells the two apart.
+    assert slowest < 2.5, f"root's status took {slowest:.2f} s beside the churn"
     # The user cannot reach root's socket at all.
     probe = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
     denied = subprocess.run(
