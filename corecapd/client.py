@@ -6,6 +6,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def call(socket_path: Path, command: str, timeout: float = 10.0, **arguments: An
         else:
             unsent = None
         try:
-            reply = _read_line(sock)
+            reply = _read_line(sock, time.monotonic() + timeout)
         except OSError as err:
             cause = unsent or err
             raise DaemonUnreachable(
@@ -81,10 +82,15 @@ def _connect(sock: socket.socket, path: Path, timeout: float) -> None:
     sock.settimeout(timeout)
 
 
-def _read_line(sock: socket.socket) -> bytes | None:
-    """One reply line; None when the daemon closes before a whole line."""
+def _read_line(sock: socket.socket, deadline: float) -> bytes | None:
+    """One reply line, whole by `deadline` (a reply that trickles in does not reset the
+    timeout); None when the daemon closes before a whole line."""
     chunks: list[bytes] = []
     while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(remaining)
         chunk = sock.recv(1 << 16)
         if not chunk:
             return None

@@ -49,8 +49,16 @@ EPOCHS_KEPT = 100  # per-epoch thread counts a job's Keras callback reported
 # /proc/PID/maps is re-read at doubling ages (0.1, 0.2, 0.4 ... s), so a process costs a
 # handful of reads (~2 ms each for TensorFlow) over its life, never one per scan.
 MIN_LIBRARY_REREAD = 0.1
+# Registered jobs one non-root user may hold at once: a registration outlives its
+# connection, and one user with 1,000 of them (a fork, register, exec sleep loop) took the
+# daemon's scans to 60% of a core and its exec path past the first statement of new jobs.
+MAX_REGISTERED_PER_USER = 64
 EXE_VERDICTS = 4096  # distinct program names remembered by the exec path's pre-filter
 _JOB_NAME = re.compile(r"([0-9]{1,10})-([0-9]{1,20})")
+
+
+class RegistrationRefused(ValueError):
+    """A registration the policy does not allow; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -279,8 +287,22 @@ class JobTable:
         self, process: Observed, registration: Registration, now: float
     ) -> tuple[list[Event], Job]:
         """A process declares itself (over the socket): it becomes a job of its own, or
-        updates its job, and its grant and budget follow what it declared."""
+        updates its job, and its grant and budget follow what it declared.
+
+        Raises:
+            RegistrationRefused: a non-root user already holds MAX_REGISTERED_PER_USER
+                registered jobs (nothing is changed).
+        """
         key = process.key
+        existing = self.jobs.get(key)
+        uid = process.identity.uid
+        if uid != 0 and (existing is None or existing.registration is None):
+            held = sum(1 for job in self.jobs.values() if job.registration and job.uid == uid)
+            if held >= MAX_REGISTERED_PER_USER:
+                raise RegistrationRefused(
+                    f"user {process.identity.user} has {held} registered jobs running, the"
+                    " most one user may; the process runs on as its rules say"
+                )
         owner = self._member_of.get(key)
         if owner is not None and owner != key:
             self._drop(self.jobs[owner], key)  # a worker of a job registering for itself

@@ -15,7 +15,7 @@ from corecapd.client import DaemonUnreachable, call
 from corecapd.cpulist import format_cpulist
 from corecapd.policy import DEFAULT_POLICY_PATH, DEFAULT_SOCKET, PolicyError, load_policy
 from corecapd.preflight import check_policy_file
-from corecapd.printable import visible
+from corecapd.printable import visible, visible_lines
 from corecapd.protocol import ProtocolError, RemoteError
 
 
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except (DaemonUnreachable, RemoteError, ProtocolError) as err:
-        print(f"corecapctl: {err}", file=sys.stderr)
+        print(f"corecapctl: {visible_lines(str(err))}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 1
@@ -106,7 +106,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         checked = check_policy_file(args.file, as_daemon=False)
     except PolicyError as err:
-        print(err.counted(), file=sys.stderr)
+        print(visible_lines(err.counted()), file=sys.stderr)  # it quotes keys: anyone's
         return 1
     policy = checked.policy
     print(f"{args.file}: OK, {len(policy.rules)} rules, mode {policy.daemon.mode}")
@@ -117,7 +117,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    print(call(_socket(args), "reload"))
+    print(visible_lines(str(call(_socket(args), "reload"))))
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from corecapd import __version__
-from corecapd.core import Job, JobTable, job_facts
+from corecapd.core import Job, JobTable, RegistrationRefused, job_facts
 from corecapd.declaration import Registration
 from corecapd.diagnosis import THREADING_VARIABLES, Diagnosis, Evidence, JobFacts, diagnose
 from corecapd.enforcement import AffinityBackend, Backend, EnforcementError
@@ -47,6 +47,7 @@ from corecapd.journal import Reporter, under_journal
 from corecapd.model import KeptRegistration, Observed, ProcKey, Sample
 from corecapd.policy import DEFAULT_POLICY_PATH, Policy, PolicyError, load_policy
 from corecapd.preflight import check_host, check_policy_file
+from corecapd.printable import visible, visible_lines
 from corecapd.proc_events import EventsLost, ProcEvent, ProcEventSocket
 from corecapd.procfs import ProcessGone, Scanner
 from corecapd.protocol import CommandFailed, Request
@@ -535,7 +536,10 @@ class Daemon:
         """The caller (by SO_PEERCRED and its pidfd, never by what it says) declares
         itself a job."""
         process = self._caller(peer, "registered")
-        events, job = self.table.register(process, registration, time.time())
+        try:
+            events, job = self.table.register(process, registration, time.time())
+        except RegistrationRefused as err:
+            raise CommandFailed(str(err)) from None
         if self.enforcing:
             events += self._enforce(job, sorted(key.pid for key in job.members))
         for event in events:
@@ -718,12 +722,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = build(args.config)
     except PolicyError as err:
         for line in err.errors:  # every problem, one per line, then how many
-            print(f"corecapd: {line}", file=sys.stderr)
+            print(f"corecapd: {visible(line)}", file=sys.stderr)
         if len(err.errors) > 1:
             print(f"corecapd: {len(err.errors)} errors in {args.config}", file=sys.stderr)
         return 1
     except (StartupError, OSError) as err:
-        print(f"corecapd: {err}", file=sys.stderr)
+        print(f"corecapd: {visible_lines(str(err))}", file=sys.stderr)
         return 1
     try:
         asyncio.run(daemon.run())

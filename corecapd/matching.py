@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import regex
+
 from corecapd.model import Identity, Observed
 from corecapd.policy import Match, Rule
 
@@ -16,6 +18,9 @@ FIRST_REGULAR_UID = 1000
 
 # Interpreter names as Debian, pyenv, conda and venvs install them (python, python3,
 # python3.11, python3.13t, pypy3). exe, not comm: comm is the script name for shebang scripts.
+# Seconds one `cmdline` search may take; a sound pattern takes microseconds over the 64 KiB
+# of a command line that are read (procfs.MAX_CMDLINE).
+CMDLINE_TIMEOUT = 0.005
 _PYTHON_EXE = re.compile(r"^(python|pypy)[0-9.]*[a-z]?$")
 
 
@@ -77,9 +82,20 @@ def _matches_cheaply(match: Match, identity: Identity) -> bool:
         return False
     if not _exe_matches(match, os.path.basename(identity.exe)):
         return False
-    if match.cmdline is not None and not match.cmdline.search(" ".join(identity.cmdline)):
+    if match.cmdline is not None and not _cmdline_matches(match.cmdline, identity.cmdline):
         return False
     return not match.users or any(_user_matches(entry, identity) for entry in match.users)
+
+
+def _cmdline_matches(pattern: regex.Pattern[str], cmdline: tuple[str, ...]) -> bool:
+    """Whether `pattern` is found in the arguments, given at most CMDLINE_TIMEOUT: a job
+    chooses its arguments, and against a pattern that backtracks badly ("(\\w+\\s?)+$")
+    some 40 of them would hold Python's `re` for hours, on the exec path. Past the
+    timeout it is no match: the process is left as no rule matched it."""
+    try:
+        return pattern.search(" ".join(cmdline), timeout=CMDLINE_TIMEOUT) is not None
+    except TimeoutError:
+        return False
 
 
 def _user_matches(entry: str, identity: Identity) -> bool:

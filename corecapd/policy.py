@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import regex
+
 from corecapd.cpulist import CpuListError, parse_cpulist, shown
 
 if sys.version_info >= (3, 11):
@@ -75,7 +77,8 @@ class Match:
     """All given criteria must hold; absent criteria match anything."""
 
     exe: tuple[str, ...] = ()
-    cmdline: re.Pattern[str] | None = None
+    # `regex`, not `re`: its searches take a timeout (matching.CMDLINE_TIMEOUT)
+    cmdline: regex.Pattern[str] | None = None
     users: tuple[str, ...] = ()
     loads: tuple[str, ...] = ()
 
@@ -365,10 +368,10 @@ def _cpus(where: str, value: object) -> frozenset[int]:
         raise _SchemaError(f'{where}: expected a CPU list like "0,2-3": {err}') from None
 
 
-def _regex(where: str, value: object) -> re.Pattern[str]:
+def _regex(where: str, value: object) -> regex.Pattern[str]:
     try:
-        return re.compile(_nonempty_string(where, value))
-    except re.error as err:
+        return regex.compile(_nonempty_string(where, value))
+    except regex.error as err:
         raise _SchemaError(f"{where}: invalid regular expression: {err}") from None
     except (OverflowError, RecursionError):
         raise _SchemaError(f"{where}: regular expression too large or nested too deeply") from None

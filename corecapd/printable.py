@@ -20,6 +20,12 @@ def visible(text: str) -> str:
     )
 
 
+def visible_lines(text: str) -> str:
+    """`text` through `visible` line by line: its own line breaks stay, no others appear.
+    For messages that quote a policy's keys or a daemon's reply, whoever wrote those."""
+    return "\n".join(visible(line) for line in text.split("\n"))
+
+
 def _escape(char: str) -> str:
     code = ord(char)
     if code < 0x100:

@@ -167,6 +167,8 @@ def _count(message: dict[str, Any], key: str, lowest: int, highest: int) -> int:
 def root_socket(path: Path) -> Path:
     """The root-only twin of the socket at `path`, which root's clients use: no other user
     can fill its listen queue (/run/corecap/corecap.sock -> /run/corecap/corecap.root.sock)."""
+    if not path.name:  # "", ".", "/": no socket can be there, nor beside it
+        return path
     return path.with_name(f"{path.stem}.root{path.suffix}")
 
 

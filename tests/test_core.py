@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corecapd.budget import thread_budget
-from corecapd.core import JobTable
+from corecapd.core import MAX_REGISTERED_PER_USER, JobTable, RegistrationRefused
+from corecapd.declaration import Declaration, Registration
 from corecapd.events import (
     Event,
     JobChanged,
@@ -1389,3 +1390,27 @@ def test_a_process_whose_parent_exited_unseen_joins_the_job_its_fence_names() ->
     started = of_type(world.step(1), JobStarted)
     assert world.table.jobs[launcher].members == {launcher, orphan, late}
     assert [e.pid for e in started] == [602]  # "child": a job of its own
+
+
+def test_one_user_holds_at_most_max_registered_jobs() -> None:
+    """A registration outlives its connection: without a bound one user's fork, register,
+    exec loop held 1,000 jobs and the daemon's scans took 60% of a core."""
+    world = World(online=range(2))
+    declared = Registration(Declaration(cpus=1))
+
+    def register(pid: int, uid: int, user: str) -> ProcKey:
+        key = world.spawn(pid, exe="/bin/sleep", cmdline=("sleep",), uid=uid, user=user)
+        world.table.register(world.procs[key], declared, T0)
+        return key
+
+    alice = [register(1000 + n, 1000, "alice") for n in range(MAX_REGISTERED_PER_USER)]
+    with pytest.raises(RegistrationRefused, match=f"alice has {MAX_REGISTERED_PER_USER}"):
+        register(5000, 1000, "alice")
+    assert len(world.table.jobs) == MAX_REGISTERED_PER_USER  # nothing changed
+    world.table.register(world.procs[alice[0]], declared, T0)  # its own again: an update
+    register(6000, 1001, "bob")  # another user is not held back by alice
+    for n in range(3):
+        register(7000 + n, 0, "root")  # nor is root, by anyone
+    world.kill(alice[1])
+    world.step(T0 + 1)
+    register(5001, 1000, "alice")  # one ended: room for one

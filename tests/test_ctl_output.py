@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import unicodedata
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -207,3 +208,25 @@ def test_the_daemons_log_keeps_one_line_per_event_whatever_jobs_chose(error: str
         stream = io.StringIO()
         Reporter(to_journal=False, stream=stream).emit(FenceFailed(job=hostile, error=hostile))
         assert stream.getvalue().count("\n") == 1 and "\x1b" not in stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        'rules = []\n[daemon]\n"\\u001b]0;PWNED\\u0007\\u001b[2J" = 1\n',  # an unknown key
+        'rules = []\n[users."q\\u001b]0;T\\u0007"]\nmax_cpus = 0\n',  # a user's table
+        '[[rules]]\nname = "x"\nmatch = { cmdline = "(?<\\u001b]0;PWN\\u0007>a)" }\n',  # a regex
+    ],
+)
+def test_policy_errors_quote_what_the_file_holds_escaped(tmp_path: Path, policy: str) -> None:
+    quoted = "cmdline" not in policy  # the regex library names a position, not the text
+    path = tmp_path / "policy.toml"
+    path.write_text(policy)
+    for argv in (
+        ["-m", "corecapd.ctl", "check", str(path)],
+        ["-m", "corecapd.daemon", "--config", str(path)],
+    ):
+        result = subprocess.run([PYTHON, *argv], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+        assert not quoted or "\\x1b" in result.stderr, result.stderr

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import re
+import time
 
 import pytest
+import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,7 @@ def rule(
     users: tuple[str, ...] = (),
     loads: tuple[str, ...] = (),
 ) -> Rule:
-    pattern = re.compile(cmdline) if cmdline is not None else None
+    pattern = regex.compile(cmdline) if cmdline is not None else None
     return Rule(name, Match(exe=exe, cmdline=pattern, users=users, loads=loads), cpus=2)
 
 
@@ -328,3 +329,14 @@ def test_winner_is_the_first_rule_that_matches_alone(
     found = classify(process, rules, DAEMON_PID).rule
     expected = next((r for r, ok in zip(rules, alone, strict=True) if ok), None)
     assert found is expected
+
+
+def test_a_pattern_that_backtracks_badly_cannot_hold_the_exec_path() -> None:
+    """With Python's `re`, 27 characters of arguments held this search for 20 s and each more
+    one doubles it; the daemon matches on its only loop. Past the timeout: no match."""
+    backtracking = rule("bt", cmdline=r"JOB (\w+\s?)+$")
+    hostile = proc(cmdline=("python3", "-c", "pass", "JOB " + "a" * 5000 + "!"))
+    started = time.monotonic()
+    assert winner(hostile, backtracking) is None
+    assert time.monotonic() - started < 0.5
+    assert winner(proc(cmdline=("python3", "JOB", "ok")), backtracking) == "bt"

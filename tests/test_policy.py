@@ -384,7 +384,7 @@ BAD_POLICIES: list[tuple[str, str, str, tuple[str, ...]]] = [
         "match-bad-regex",
         '[[rules]]\nname = "x"\nmatch.cmdline = "train("\n',
         "rules[0].match.cmdline",
-        ("invalid regular expression", "missing ), unterminated subpattern"),
+        ("invalid regular expression", "missing ) at position"),
     ),
     (
         "match-regex-type",

@@ -10,7 +10,9 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from conftest import PYTHON, Daemon, Processes, StartDaemon, thread_affinities, 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from corecapd.client import DaemonUnreachable, call
 from corecapd.declaration import Pool
 from corecapd.protocol import (
     COMMANDS,
@@ -492,3 +495,42 @@ def test_without_a_pidfd_a_process_younger_than_the_connection_is_not_the_caller
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_reply_that_trickles_in_times_out_as_a_whole(tmp_path: Path) -> None:
+    """A byte a second, never a newline: the client's timeout bounds the whole reply."""
+    path = tmp_path / "trickle.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            while not stop.wait(0.2):
+                connection.sendall(b" ")
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(DaemonUnreachable, match="did not answer: timed out"):
+            call(path, "status", timeout=1.0)
+        assert time.monotonic() - started < 3
+    finally:
+        stop.set()
+        server.join(timeout=5)
+        listener.close()
+
+
+def test_an_empty_socket_path_is_a_one_line_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "corecapd.ctl", "--socket", "", "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("corecapctl: cannot reach corecapd at .:"), result.stderr
+    assert result.stderr.count("\n") == 1
