@@ -164,7 +164,8 @@ KEYS: tuple[Key, ...] = (
         "regular expression",
         None,
         "A regular expression searched in the process's arguments joined by spaces"
-        " (the first 64 KiB of them).",
+        " (the first 64 KiB of them), for at most 5 ms: a search that takes longer (a"
+        " pattern that backtracks badly on arguments a job chose) counts as no match.",
     ),
     Key(
         "rules[].match.users",
