@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from corecapd.procfs import (
     MAX_CMDLINE,
@@ -27,7 +28,8 @@ def test_a_huge_command_line_is_read_only_as_far_as_rules_look() -> None:
     argv = ["/bin/sh", "-c", "read line", "sh", "MARKER", *["x" * 1000] * 1000]
     child = subprocess.Popen(argv, stdin=subprocess.PIPE)
     try:
-        cmdline = ProcFS().identity(child.pid).cmdline
+        # the new program's arguments show once the exec is through (vfork'd children)
+        cmdline = wait_for(lambda: ProcFS().identity(child.pid).cmdline, 5, "the exec")
         assert cmdline[:5] == ("/bin/sh", "-c", "read line", "sh", "MARKER")
         assert sum(len(arg) + 1 for arg in cmdline) <= MAX_CMDLINE + READ_SIZE
     finally:

@@ -39,7 +39,7 @@ SUITE=trixie
 IMG_SIZE=2G
 # systemd/dbus/udev: a real init; python3-*: what corecapd and the guest-side tests import.
 PKGS=systemd,systemd-sysv,dbus,udev,iproute2,kmod,procps,initramfs-tools,linux-image-amd64
-PKGS+=,python3,python3-pytest,python3-pytest-timeout,python3-psutil,python3-systemd,python3-dbus,python3-jeepney
+PKGS+=,python3,python3-pytest,python3-pytest-timeout,python3-regex,python3-psutil,python3-systemd,python3-dbus,python3-jeepney
 
 log() { echo "[vm $(date +%T)] $*" >&2; }
 skip() { echo "VM tier cannot run here: $*" >&2; exit 77; }
