@@ -295,16 +295,14 @@ class SocketServer:
         return None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        """One connection, as a task in `_tasks` (`_accept` put it there)."""
         try:
             await self._converse(reader, writer)
         except asyncio.CancelledError:
-            # The daemon stops. End as a finished task: Python 3.11's stream server logs
-            # a cancelled one as an error, with a traceback (fixed in 3.12).
-            writer.transport.abort()
+            writer.transport.abort()  # the daemon stops: drop the connection at once
         finally:
+            task = asyncio.current_task()
+            assert task is not None
             self._tasks.discard(task)
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
