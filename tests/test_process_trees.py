@@ -156,7 +156,9 @@ def test_a_child_whose_parent_exits_stays_in_its_job(
 ) -> None:
     """Known first: the exec path reads the shell, then it exits. Gone first: the shell
     exits before the child's exec is read (its parent is init by then), and the cgroup
-    fence it inherited at fork names its job (the cgroup1 backend here)."""
+    fence it inherited at fork names its job (the cgroup1 backend here). The fence lands
+    on the fence worker 6-12 ms after the exec (more on a loaded machine), so the parent
+    forks only once it is in it: a fork before then leaves no trace (README)."""
     daemon = start_daemon(daemon={"scan_interval": 0.1, "reserved_cpus": ""})
     orphan_code = (
         "import json, os, time; print(json.dumps([os.getpid(), os.getppid(),"
@@ -164,7 +166,9 @@ def test_a_child_whose_parent_exits_stays_in_its_job(
     )
     # sh starts the Python in the background and exits: it is reparented (to init here).
     parent = processes.python(
-        "import subprocess, sys; subprocess.run(sys.argv[2:]); sys.stdin.readline()",
+        "import subprocess, sys, time\n"
+        "while '/job-' not in open('/proc/self/cpuset').read(): time.sleep(0.005)\n"
+        "subprocess.run(sys.argv[2:]); sys.stdin.readline()",
         "sh",
         "-c",
         f'{PYTHON} -c "{orphan_code}" & {linger}',
