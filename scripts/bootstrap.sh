@@ -17,8 +17,10 @@ if ! dpkg -s libsystemd-dev >/dev/null 2>&1; then
   need+=("libsystemd-dev=$(dpkg-query -W -f='${Version}' libsystemd0)")
 fi
 "$python" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
-if [ "$profile" = test ]; then  # tests/test_docs.py checks the manual pages with these
-  for package in groff-base man-db mandoc; do
+# tests/test_docs.py checks the manual pages with groff, man and mandoc; bench/attribution.py
+# takes its ground truth from gdb's backtraces.
+if [ "$profile" = test ]; then
+  for package in groff-base man-db mandoc gdb; do
     dpkg -s "$package" >/dev/null 2>&1 || need+=("$package")
   done
 fi
