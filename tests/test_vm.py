@@ -1,7 +1,10 @@
 """The VM test tier: boots tests/vm/vm.sh's Debian guest once (systemd as PID 1, pure cgroup
 v2, this checkout read-only at /mnt/src) and runs tests/vm/guest_*.py there with the guest's
-pytest. Skips, saying why, where this machine cannot: not root, no apt to install QEMU or
-debootstrap, no Debian mirror to build the image from, no usable QEMU.
+pytest. Before it boots, it builds the Debian package (tests/test_deb.py's build_deb:
+scripts/build-deb.sh), which vm.sh puts in the guest's /mnt/ctl for tests/vm/guest_deb.py.
+Skips, saying why, where this machine cannot: not root, no apt to install QEMU or
+debootstrap (or the package's build dependencies), no Debian mirror to build the image from,
+no usable QEMU.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_deb import build_deb
 
 VM_SH = Path(__file__).parent / "vm" / "vm.sh"
 CANNOT = 77  # vm.sh: this machine cannot run the VM tier; the reason is its last stderr line
@@ -32,11 +36,15 @@ GUEST_PYTEST = (
 )
 
 
-def vm_sh(*args: str, timeout: float) -> tuple[int, str, str, float]:
-    """Run vm.sh in its own session; on timeout end it (it ends QEMU) and then its group."""
+def vm_sh(
+    *args: str, timeout: float, env: dict[str, str] | None = None
+) -> tuple[int, str, str, float]:
+    """Run vm.sh in its own session (with `env` added to the environment); on timeout end
+    it (it ends QEMU) and then its group."""
     start = time.monotonic()
     process = subprocess.Popen(
         [str(VM_SH), *args],
+        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -64,7 +72,9 @@ def skip_if_cannot(rc: int, err: str) -> None:
 
 @pytest.mark.vm
 def test_guest_suite_passes_in_the_vm(
-    record_property: Callable[[str, object], None], capsys: pytest.CaptureFixture[str]
+    record_property: Callable[[str, object], None],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("VM tier cannot run here: needs root (debootstrap, chroot, mkfs, QEMU)")
@@ -75,7 +85,10 @@ def test_guest_suite_passes_in_the_vm(
     skip_if_cannot(rc, err)
     assert rc == 0, f"image build failed:\n{err}"
 
-    rc, out, err, run_s = vm_sh("run", GUEST_PYTEST, timeout=VM_TIMEOUT + 60)
+    deb = build_deb(tmp_path)  # for guest_deb.py: `apt install` in the guest, then purge
+    print(f"--- build-deb.sh: {deb.seconds:.1f} s ---")
+    files = {"CORECAP_VM_FILES": str(deb.deb)}
+    rc, out, err, run_s = vm_sh("run", GUEST_PYTEST, timeout=VM_TIMEOUT + 60, env=files)
     print(f"--- guest output ---\n{out}--- vm.sh run: exit {rc}, boot+run {run_s:.1f} s ---\n{err}")
     with capsys.disabled():  # the timings show in every run's output, captured or not
         print(f"\nVM tier wall time: build {build_s:.1f} s, boot+run {run_s:.1f} s")

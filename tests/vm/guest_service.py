@@ -155,6 +155,7 @@ def guest() -> Iterator[Guest]:
         state.end_children()
         for name in (UNIT, PROBE):
             (UNIT_DIR / name).unlink(missing_ok=True)
+        POLICY.unlink(missing_ok=True)
         sh("systemctl", "daemon-reload")
 
 

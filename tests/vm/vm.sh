@@ -22,7 +22,8 @@
 #   - or the whole boot-run-poweroff passed CORECAP_VM_TIMEOUT s (3600), a backstop only.
 # Other settings: CORECAP_VM_DIR (cache, default /var/tmp/corecap-vm), CORECAP_VM_ACCEL
 # (auto|kvm|tcg), CORECAP_VM_SMP (2), CORECAP_VM_MEM (MiB, 2048), CORECAP_VM_MIRROR,
-# CORECAP_VM_SRC (the shared checkout).
+# CORECAP_VM_SRC (the shared checkout), CORECAP_VM_FILES (host files, space-separated, that
+# `run` puts in the guest's /mnt/ctl: the Debian package tests/test_vm.py built).
 # Files are written only in the cache dir and in temp dirs under it; every process started
 # here (debootstrap, qemu) is ended on exit, failure, timeout or signal.
 set -euo pipefail
@@ -40,6 +41,15 @@ IMG_SIZE=2G
 # systemd/dbus/udev: a real init; python3-*: what corecapd and the guest-side tests import.
 PKGS=systemd,systemd-sysv,dbus,udev,iproute2,kmod,procps,initramfs-tools,linux-image-amd64
 PKGS+=,python3,python3-pytest,python3-pytest-timeout,python3-regex,python3-psutil,python3-systemd,python3-dbus,python3-jeepney
+# The Debian package's Depends (debian/control), so that `apt install ./corecap_*.deb` finds
+# them installed (the guest has no network); man-db: `man -w` (guest_deb.py).
+deb_depends() {
+  awk '/^Depends:/ {d = 1; next} d && /^ / {print; next} {d = 0}' "$SRC/debian/control" 2>/dev/null |
+    tr -d ' ,' | grep -v '^\$' | paste -sd, -
+}
+DEB_DEPENDS=$(deb_depends || true)
+PKGS+=,man-db${DEB_DEPENDS:+,$DEB_DEPENDS}
+PKGS=$(tr , '\n' <<<"$PKGS" | awk '!seen[$0]++' | paste -sd, -)
 
 log() { echo "[vm $(date +%T)] $*" >&2; }
 skip() { echo "VM tier cannot run here: $*" >&2; exit 77; }
@@ -273,6 +283,8 @@ run() {  # $1 = shell command(s), run as root in the guest from /mnt/src
   TMP_DIRS+=("$dir")
   mkdir "$dir/ctl"
   printf '%s\n' "$1" >"$dir/ctl/run.sh"
+  local f
+  for f in ${CORECAP_VM_FILES:-}; do cp "$f" "$dir/ctl/"; done  # the guest's /mnt/ctl
   qemu_cmd "$dir/ctl" ''
   log "boot [${ACCEL[*]}, -smp $SMP]; budget: boot ${BOOT_TIMEOUT} s, silence ${STALL_TIMEOUT} s, all ${TIMEOUT} s"
   t0=$(date +%s.%N)
