@@ -1,15 +1,18 @@
-"""The decision core: scans in, events out. No clock, no I/O, no logging.
+"""The decision core: inputs in, events and effects out. No clock, no I/O, no logging.
 
-`JobTable.step(processes, now)` takes what one scan observed and returns the events it
-implies: jobs started (rule matched, cores allocated, budget set), changed, ended, and
-violations begun or resolved. The daemon applies `JobTable.jobs` through an enforcement
-backend and sends the events to the journal. Processes are keyed by (pid, start time), so a
-reused PID is a new process. After a restart, `adopt` (the grants found on the host) and
-`restore` (the registrations saved) come in before the first step, as data.
+`JobTable.handle(input, now)` takes one of a closed set of inputs (`corecapd.effects`: a
+scan, an exec, an exit, a registration, a report, evidence, a policy, ...) and returns the
+events it implies (jobs started: rule matched, cores allocated, budget set; changed;
+ended; violations begun or ended) and the effects the daemon's edges carry out (masks,
+fences, releases, library reads, evidence to gather, state to save). Processes are keyed
+by (pid, start time), so a reused PID is a new process. After a restart, `Adopt` (the
+grants found on the host) and `Restore` (the registrations saved) come in before the
+first scan, as data. Queries get frozen views (`snapshot`, `view`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,13 +20,52 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corecapd.allocator import Grant, Holding, allocate, keep
-from corecapd.budget import OTHER, PYTHON, TENSORFLOW, Budget, job_budget
+from corecapd.budget import (
+    OTHER,
+    PYTHON,
+    TENSORFLOW,
+    Budget,
+    declared_budget,
+    job_budget,
+    member_budget,
+)
 from corecapd.cpulist import format_cpulist
-from corecapd.declaration import Registration, Settings, resolve
+from corecapd.declaration import Pool, Registration, Settings, resolve
+from corecapd.diagnosis import Evidence, diagnose
+from corecapd.effects import (
+    Adopt,
+    Confine,
+    ConfineFailed,
+    Effect,
+    Escapes,
+    EvidenceRead,
+    Exec,
+    ExecStat,
+    Exit,
+    GatherEvidence,
+    Input,
+    JobView,
+    Member,
+    Outcome,
+    Pin,
+    Prepare,
+    ReadLibraries,
+    Register,
+    Release,
+    ReplacePolicy,
+    Report,
+    Restore,
+    SaveState,
+    Scan,
+    Snapshot,
+    ViolationRecord,
+)
 from corecapd.events import (
+    EnforcementFailed,
     Event,
     JobChanged,
     JobEnded,
+    JobEscaped,
     JobStarted,
     StateProblem,
     ViolationEnded,
@@ -57,7 +99,12 @@ EXE_VERDICTS = 4096  # distinct program names remembered by the exec path's pre-
 _JOB_NAME = re.compile(r"([0-9]{1,10})-([0-9]{1,20})")
 
 
-class RegistrationRefused(ValueError):
+class Refused(ValueError):
+    """A request the core will not carry out (a registration the policy does not allow, a
+    report from a process in no job); the message says why. Nothing was changed."""
+
+
+class RegistrationRefused(Refused):
     """A registration the policy does not allow; the message says why."""
 
 
@@ -67,21 +114,6 @@ class LibraryRead:
 
     next_due: float
     threads: int
-
-
-@dataclass
-class ViolationRecord:
-    pid: int
-    rule: str
-    threads: int  # the peak while it lasted
-    budget: int
-    started: float
-    ended: float | None = None
-    diagnosis: str = ""
-    # How it ended: "resolved" (back within budget), "exited" (the job's last process
-    # exited while over budget) or "released" (the job was let go while over budget: its
-    # rule no longer matches, or it joined the job of an ancestor); None while it lasts.
-    ended_by: str | None = None
 
 
 @dataclass
@@ -167,6 +199,198 @@ class JobTable:
         self._foreseen: dict[int, frozenset[int]] | None = None
         self.policy = policy
         self.eligible_cpus = eligible_cpus(policy, online_cpus)
+        self._failed: set[str] = set()  # jobs whose failure to confine was reported
+        # Violation onsets waiting for their evidence (`GatherEvidence`), by job name
+        self._withheld: dict[str, ViolationStarted] = {}
+        self._left_fences: frozenset[str] | None = None  # adopted, until the first scan
+        self._saved: tuple[tuple[str, KeptRegistration], ...] = ()
+
+    def handle(self, given: Input, now: float) -> Outcome:
+        """One input in; the events it led to and the effects to carry out, in order.
+
+        Raises:
+            Refused: a `Register` or `Report` the core will not carry out (nothing changed).
+        """
+        match given:
+            case Scan(processes):
+                return self._scanned(processes, now)
+            case Exec(pid, ancestor, identity):
+                cpus = self.foreseen_cpus(pid, ancestor, identity) if self.enforcing else None
+                return Outcome(effects=[] if cpus is None else [Pin((pid,), cpus)])
+            case ExecStat(process, lineage):
+                events, job = self.admit(process, now, lineage)
+                effects: list[Effect] = []
+                if job is not None and self.enforcing:
+                    between = [s.key.pid for s in lineage if s.key in self._member_of]
+                    effects.append(Confine(job.name, (process.key.pid, *between), job.cpus))
+                return self._outcome(events, effects)
+            case Exit(pid):
+                return self._outcome(self.exited(pid, now))
+            case Register(process, registration):
+                events, job = self.register(process, registration, now)
+                return self._outcome(events, self._confining(job), job)
+            case Report(process, pools, epoch):
+                return self._reported(process, pools, epoch)
+            case EvidenceRead(job_name, evidence):
+                return Outcome(events=self._diagnosed(job_name, evidence))
+            case ReplacePolicy(policy):
+                self.enforcing = policy.daemon.mode == "enforce"
+                self.replace_policy(policy)
+                return Outcome()
+            case Adopt(fences, masks):
+                self.adopt(fences, masks)
+                self._left_fences = frozenset(fences)
+                return Outcome()
+            case Restore(registrations):
+                self.restore(registrations)
+                return Outcome()
+            case Escapes(threads):
+                by_name = {job.name: job for job in self.jobs.values()}
+                return Outcome(
+                    events=[
+                        JobEscaped(**job_facts(by_name[name]), escaped_threads=count)
+                        for name, count in threads.items()
+                        if name in by_name
+                    ]
+                )
+            case ConfineFailed(job_name, error):
+                found = next((j for j in self.jobs.values() if j.name == job_name), None)
+                if found is None or job_name in self._failed:
+                    return Outcome()
+                self._failed.add(job_name)
+                return Outcome(events=[EnforcementFailed(**job_facts(found), error=error)])
+            case Prepare():
+                self.foresee()
+                return Outcome()
+
+    def _scanned(self, processes: Mapping[ProcKey, Observed], now: float) -> Outcome:
+        events = self.step(processes, now)
+        effects: list[Effect] = []
+        if self.enforcing:
+            for job in self.jobs.values():
+                effects += self._confining(job)
+            if self._left_fences is not None:  # a previous daemon's, whose job is gone
+                current = {job.name for job in self.jobs.values()} | self.kept_for_later()
+                effects += [Release(name, ()) for name in sorted(self._left_fences - current)]
+        self._left_fences = None
+        outcome = self._outcome(events, effects)
+        outcome.effects.append(ReadLibraries(self.libraries_wanted))
+        return outcome
+
+    def _outcome(
+        self, events: list[Event], effects: Sequence[Effect] = (), job: Job | None = None
+    ) -> Outcome:
+        """The events and effects of one input: releases first (for the jobs that ended),
+        then `effects`, then evidence for violations that began (their events wait for
+        it), then the state to save if registrations changed."""
+        if not events and not effects and job is None:
+            return Outcome()  # most exits and execs: none of the jobs changed
+        released: list[Effect] = []
+        gathered: list[Effect] = []
+        reported: list[Event] = []
+        for event in events:
+            if isinstance(event, JobEnded):
+                self._failed.discard(event.job)
+                self._withheld.pop(event.job, None)
+                if self.enforcing:
+                    released.append(Release(event.job, event.live_pids))
+            if isinstance(event, ViolationStarted) and (onset := self.job_of(event.pid)):
+                self._withheld[onset.name] = event
+                gathered.append(GatherEvidence(onset.name, self.view(onset).pids))
+                continue
+            reported.append(event)
+        registrations = tuple(self.registrations())
+        saved: list[Effect] = []
+        if registrations != self._saved:
+            self._saved = registrations
+            saved.append(SaveState(registrations))
+        return Outcome(
+            reported,
+            [*released, *effects, *gathered, *saved],
+            None if job is None else self.view(job),
+        )
+
+    def _confining(self, job: Job) -> list[Effect]:
+        if not self.enforcing:
+            return []
+        return [Confine(job.name, tuple(sorted(key.pid for key in job.members)), job.cpus)]
+
+    def _reported(
+        self,
+        process: Observed,
+        pools: tuple[Pool, ...] | None,
+        epoch: EpochReport | None,
+    ) -> Outcome:
+        pid = process.key.pid
+        job = self.job_of(pid)
+        if job is None:
+            raise Refused(f"PID {pid} is in no job: register first")
+        if pools is not None:
+            if job.registration is None or job.id != process.key:
+                raise Refused(
+                    f"PID {pid} did not register: only the process that registered reports"
+                    " its pools"
+                )
+            # read after its library applied its limits: they replace what it registered
+            job.registration = dataclasses.replace(job.registration, pools=pools)
+        if epoch is not None:
+            job.epochs.append(epoch)
+        return self._outcome([], job=job)
+
+    def _diagnosed(self, job_name: str, evidence: Evidence) -> list[Event]:
+        """A violation's onset with its diagnosis (the evidence `GatherEvidence` read)."""
+        onset = self._withheld.pop(job_name, None)
+        if onset is None:
+            return []
+        job = self.job_of(onset.pid)
+        if job is None or job.name != job_name:
+            return [onset]
+        summary = diagnose(self.view(job).diagnosis_facts(), evidence).summary()
+        if job.record is not None:
+            job.record.diagnosis = summary
+        return [dataclasses.replace(onset, diagnosis=summary)]
+
+    def snapshot(self) -> Snapshot:
+        """The whole table now, as frozen copies (oldest job first)."""
+        return Snapshot(
+            online_cpus=self.online_cpus,
+            reserved_cpus=self.policy.daemon.reserved_cpus & self.online_cpus,
+            eligible_cpus=self.eligible_cpus,
+            jobs=tuple(
+                self.view(job) for job in sorted(self.jobs.values(), key=lambda j: j.started_at)
+            ),
+            violations=tuple(dataclasses.replace(record) for record in self.violations),
+        )
+
+    def counts(self) -> tuple[int, int]:
+        """Jobs, and jobs over budget now: O(jobs), no copies."""
+        return len(self.jobs), sum(1 for job in self.jobs.values() if job.violation.active)
+
+    def view(self, job: Job) -> JobView:
+        """`job` as it is now (a copy)."""
+        return JobView(
+            pid=job.pid,
+            name=job.name,
+            user=job.user,
+            rule=job.rule.name,
+            cpus=job.cpus,
+            threads=job.threads,
+            budget=job.budget,
+            cpu_percent=job.cpu_percent,
+            violating=job.violation.active,
+            started_at=job.started_at,
+            tensorflow=job.tensorflow,
+            members=_members(job),
+            notes=job.notes,
+            settings=job.settings,
+            pools=job.registration.pools if job.registration else (),
+            epochs=tuple(job.epochs),
+        )
+
+    def view_of(self, pid: int) -> JobView | None:
+        """The job `pid` is a process of, now; None when it is in none."""
+        job = self.job_of(pid)
+        return None if job is None else self.view(job)
 
     def replace_policy(self, policy: Policy) -> None:
         """Adopt a validated policy: every process is classified afresh on the next step."""
@@ -359,6 +583,10 @@ class JobTable:
         """Names of processes that keep an adopted grant once a rule takes them (waiting
         for their libraries to be read): their fences are not let go meanwhile."""
         return frozenset(f"{key.pid}-{key.start_ticks}" for key in self._kept)
+
+    def is_member(self, pid: int) -> bool:
+        """Whether `pid` is a process of a job now. O(1), no side effects."""
+        return pid in self._member_pids
 
     def job_of(self, pid: int) -> Job | None:
         key = self._member_pids.get(pid)
@@ -900,6 +1128,20 @@ class JobTable:
         if transition is Transition.RESOLVED and job.record is not None:
             return [self._resolve(job, now)]
         return []
+
+
+def _members(job: Job) -> tuple[Member, ...]:
+    """Every process of the job, root first, with its share of the job's budget."""
+    settings, rows = job.settings, []
+    for key in sorted(job.members, key=lambda k: (k != job.id, k.start_ticks, k.pid)):
+        kind = job.kinds.get(key, OTHER)
+        share: int | None = None
+        if settings is not None and key == job.id:  # the declaration is the root's
+            kind, share = "registered", declared_budget(settings, slack=0).threads
+        elif settings is not None or job.rule.max_threads is None:
+            share = member_budget(kind, len(job.cpus))
+        rows.append(Member(key.pid, kind, job.member_threads.get(key, 0), share))
+    return tuple(rows)
 
 
 def _kind(process: Observed) -> str:

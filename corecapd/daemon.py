@@ -1,8 +1,9 @@
 """corecapd: wires the parts together and runs the loop. Everything is built in `main`.
 
-One asyncio loop, in the foreground (systemd style): a scan every `scan_interval`
-(read /proc → `JobTable.step` → enforce → report), the socket API, SIGHUP to reload,
-SIGTERM/SIGINT to stop, and the watchdog.
+One asyncio loop, in the foreground (systemd style): a scan every `scan_interval`, exec
+and exit events between scans, the socket API, SIGHUP to reload, SIGTERM/SIGINT to stop,
+and the watchdog. Each of them becomes one input of the core (`JobTable.handle`); the
+daemon carries out the effects it returns and hands the events to the reporter.
 """
 
 from __future__ import annotations
@@ -10,40 +11,59 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import gc
 import os
 import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
 from corecapd import __version__
-from corecapd.core import Job, JobTable, RegistrationRefused, job_facts
+from corecapd.core import JobTable, Refused
 from corecapd.declaration import Registration
-from corecapd.diagnosis import THREADING_VARIABLES, Diagnosis, Evidence, JobFacts, diagnose
+from corecapd.diagnosis import THREADING_VARIABLES, Diagnosis, Evidence, diagnose
+from corecapd.effects import (
+    Adopt,
+    Confine,
+    ConfineFailed,
+    Effect,
+    Escapes,
+    EvidenceRead,
+    Exec,
+    ExecStat,
+    Exit,
+    GatherEvidence,
+    Input,
+    JobView,
+    Pin,
+    Prepare,
+    ReadLibraries,
+    Register,
+    Release,
+    ReplacePolicy,
+    Report,
+    Restore,
+    SaveState,
+    Scan,
+)
 from corecapd.enforcement import AffinityBackend, Backend, EnforcementError
 from corecapd.events import (
     DaemonStarted,
     DaemonStopped,
-    EnforcementFailed,
     Event,
     ExecEventsLost,
     ExecEventsUnavailable,
     FenceFailed,
-    JobEnded,
-    JobEscaped,
     PolicyRejected,
     PolicyReloaded,
     StateProblem,
-    ViolationStarted,
 )
-from corecapd.journal import Reporter, under_journal
+from corecapd.journal import Reporter, Sink, under_journal
 from corecapd.model import KeptRegistration, Observed, ProcKey, Sample
 from corecapd.policy import DEFAULT_POLICY_PATH, Policy, PolicyError, load_policy
 from corecapd.preflight import check_host, check_policy_file
@@ -132,17 +152,17 @@ class Daemon:
         self.backend_reason = backend_reason  # why this fence: configured, or auto's reasons
         self.fences = FenceWorker(fence, self._fence_failed) if fence is not None else None
         self._fence_errors: set[tuple[str, str]] = set()
-        self._saved: list[tuple[str, KeptRegistration]] = []
         self.state_problem: str | None = None  # why a previous daemon's state was not used
         self.table = table
-        self.reporter = reporter
+        self.reporter = reporter  # sd_notify, and the first of the sinks
+        self.sinks: list[Sink] = [reporter]
         self.exec_events = exec_events  # the subscription, or why there is none
         self.server = SocketServer(Path(policy.daemon.socket), self.handle)
         self.exec_latency_us: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.events_lost = 0
         self.execs_during_scans = 0
         self._changed_meanwhile: set[int] | None = None  # while a scan runs: PIDs events changed
-        self._failed: set[ProcKey] = set()  # jobs whose enforcement error was reported
+        self._libraries_wanted: frozenset[ProcKey] = frozenset()  # by the core, for the next scan
         self._stop = asyncio.Event()
         self._stop_reason = "an error in the main loop"  # until stop() says otherwise
         self._wake = asyncio.Event()
@@ -158,24 +178,23 @@ class Daemon:
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(stop_signal, self.stop, stop_signal.name)
         await self.server.start()
-        self.reporter.emit(
+        self._emit(
             DaemonStarted(
                 policy=self.policy.source,
                 mode=self.policy.daemon.mode,
                 backend=self._backend_description(),
                 backend_reason=self.backend_reason,
-                eligible_cpus=self.table.eligible_cpus,
+                eligible_cpus=self.table.snapshot().eligible_cpus,
             )
         )
         if self.state_problem is not None:
-            self.reporter.emit(StateProblem(error=self.state_problem))
+            self._emit(StateProblem(error=self.state_problem))
         if isinstance(self.exec_events, ProcEventSocket):
             loop.add_reader(self.exec_events.fileno(), self._on_exec_events)
         else:
-            self.reporter.emit(ExecEventsUnavailable(reason=self.exec_events))
-        left = self._adopt()
+            self._emit(ExecEventsUnavailable(reason=self.exec_events))
+        self._adopt()
         self.scan()
-        self._release_orphaned_fences(left)
         # Everything built so far lives as long as the daemon: keep it out of the garbage
         # collector's full passes, which otherwise land on the exec path as p99 pauses.
         gc.freeze()
@@ -196,7 +215,8 @@ class Daemon:
                     await asyncio.wait_for(self._wake.wait(), max(timeout, 0))
         finally:
             self.reporter.notify("STOPPING=1")
-            self.reporter.emit(DaemonStopped(reason=self._stop_reason, jobs=len(self.table.jobs)))
+            jobs, _ = self.table.counts()
+            self._emit(DaemonStopped(reason=self._stop_reason, jobs=jobs))
             if isinstance(self.exec_events, ProcEventSocket):
                 loop.remove_reader(self.exec_events.fileno())
                 self.exec_events.close()
@@ -215,51 +235,84 @@ class Daemon:
         now = time.time()
         # Exec events that come in while a scan reads /proc (tens of ms with thousands of
         # processes) are handled at once, as between scans; `_folded_in` reconciles.
-        meanwhile = self._on_exec_events if isinstance(self.exec_events, ProcEventSocket) else None
+        events_on = isinstance(self.exec_events, ProcEventSocket)
         self._changed_meanwhile = set()
         try:
-            processes = self.scanner.scan(self.table.libraries_wanted, meanwhile)
+            scanning = self.scanner.scanning(self._libraries_wanted)
+            while True:
+                try:
+                    next(scanning)
+                except StopIteration as done:
+                    processes: dict[ProcKey, Observed] = done.value
+                    break
+                if events_on:
+                    self._on_exec_events()
         finally:
             changed, self._changed_meanwhile = self._changed_meanwhile, None
-        events = self.table.step(self._folded_in(processes, changed), now)
-        if self.enforcing:
-            self._release_ended(events, report=False)
-            self._failed &= self.table.jobs.keys()
-            for job in self.table.jobs.values():
-                events += self._enforce(job, sorted(key.pid for key in job.members))
-            events += self._escapes()
-        for event in self._explained(events):
-            self.reporter.emit(event)
-        self._save_state()
+        self._apply(Scan(self._folded_in(processes, changed)), now)
+        self._apply(Escapes(self.affinity.take_escapes()), now)
         self.reporter.notify(self._status_line())
-        self.table.foresee()
+        self._apply(Prepare(), now)
+
+    def _apply(self, given: Input, now: float) -> JobView | None:
+        """Hand `given` to the core, carry out the effects it returns, in order, and
+        report its events (after the effects: a failure to carry one out comes back as
+        an input of its own). Returns the job a registration or report concerned.
+
+        Raises:
+            Refused: the core would not carry out a `Register` or `Report`.
+        """
+        outcome = self.table.handle(given, now)
+        self._carry_out(outcome.effects, now)
+        for event in outcome.events:
+            self._emit(event)
+        return outcome.job
+
+    def _carry_out(self, effects: Iterable[Effect], now: float) -> int | None:
+        """Returns when the last `Confine`'s masks were set (time.monotonic_ns(); before
+        its fence is handed to the worker), or None when there was none."""
+        confined_ns = None
+        for effect in effects:
+            match effect:
+                case Pin(pids, cpus):
+                    for pid in pids:
+                        self.affinity.pin(pid, cpus)
+                case Confine(job, pids, cpus):
+                    try:
+                        self.affinity.confine(job, pids, cpus)
+                    except EnforcementError as err:
+                        self._apply(ConfineFailed(job, str(err)), now)
+                    confined_ns = time.monotonic_ns()
+                    if self.fences is not None:
+                        self.fences.confine(job, pids, cpus)
+                case Release(job, pids):
+                    self.affinity.release(job, pids)
+                    if self.fences is not None:
+                        self.fences.release(job, pids)
+                case ReadLibraries(keys):
+                    self._libraries_wanted = keys
+                case GatherEvidence(job, pids):
+                    self._apply(EvidenceRead(job, self._evidence(pids)), now)
+                case SaveState(registrations):
+                    self._save_state(registrations)
+        return confined_ns
 
     def _folded_in(
         self, processes: dict[ProcKey, Observed], changed: set[int]
     ) -> dict[ProcKey, Observed]:
         """The scan's view with what exec and exit events changed meanwhile, as it is now:
         the scan may have read those processes before their exec or exit, or not at all,
-        and the step must not end a job just placed or place one that has ended."""
+        and the core must not end a job just placed or place one that has ended."""
         if not changed:
             return processes
         folded = {key: seen for key, seen in processes.items() if key.pid not in changed}
         for pid in changed:
-            if self.table.job_of(pid) is None:
+            if not self.table.is_member(pid):
                 continue
             with contextlib.suppress(ProcessGone, PermissionError):
                 if (seen := self.scanner.observe(pid)) is not None:
                     folded[seen.key] = seen
         return folded
-
-    def _release_ended(self, events: list[Event], report: bool = True) -> None:
-        """Let go of what jobs that ended held; report the events unless the caller will."""
-        for event in events:
-            if isinstance(event, JobEnded) and self.enforcing:
-                self.affinity.release(event.job, event.live_pids)
-                if self.fences is not None:
-                    self.fences.release(event.job, event.live_pids)
-            if report:
-                self.reporter.emit(event)
 
     def _on_exec_events(self) -> None:
         """One datagram at a time: the first exec is confined before the rest are read
@@ -270,7 +323,7 @@ class Daemon:
                 events = self.exec_events.read()
             except EventsLost as err:
                 self.events_lost += 1
-                self.reporter.emit(ExecEventsLost(reason=str(err), total=self.events_lost))
+                self._emit(ExecEventsLost(reason=str(err), total=self.events_lost))
                 self._rescan()  # the lost execs are found, and confined, by a full scan
                 return
             if events is None:
@@ -279,14 +332,12 @@ class Daemon:
                 if event.exec:
                     self._admit(event)
                     continue
-                if self.table.job_of(event.pid) is not None and self.scanner.procfs.lives_on(
-                    event.pid
-                ):
+                if self.table.is_member(event.pid) and self.scanner.procfs.lives_on(event.pid):
                     continue  # only its leader thread exited; scans see the process's end
                 if self._changed_meanwhile is not None:
                     self._changed_meanwhile.add(event.pid)
-                self._release_ended(self.table.exited(event.pid, time.time()))
-        self.table.foresee()  # the next exec's grant, worked out while nothing waits
+                self._apply(Exit(event.pid), time.time())
+        self._apply(Prepare(), time.time())  # the next exec's grant, worked out while nothing waits
 
     def _rescan(self) -> None:
         if self._changed_meanwhile is None:
@@ -296,9 +347,9 @@ class Daemon:
             self._wake.set()
 
     def _admit(self, event: ProcEvent) -> None:
-        """The exec fast path: cheap reads, decide, and set the foreseen CPUs on every
-        thread before the job is placed (and before the stat file is read: most of the
-        path's work); the placement confirms them, or corrects them; report afterwards."""
+        """The exec fast path: cheap reads, and the core pins the process ahead when who it
+        is tells its CPUs (`Exec`), before the stat file is read (most of the path's work);
+        then the core places it (`ExecStat`) and the masks are confirmed or corrected."""
         pid = event.pid
         try:
             exe = self.scanner.procfs.exe(pid)
@@ -310,9 +361,10 @@ class Daemon:
         try:
             identity, ppid = self.scanner.procfs.identity_and_parent(pid, exe)
             lineage, ancestor = self._lineage(ppid)
-            foreseen = self.table.foreseen_cpus(pid, ancestor, identity) if self.enforcing else None
-            if foreseen is not None:
-                self.affinity.pin(pid, foreseen)
+            ahead = self.table.handle(Exec(pid, ancestor, identity), time.time()).effects
+            for effect in ahead:
+                if isinstance(effect, Pin):
+                    self.affinity.pin(pid, effect.cpus)
             confined_ns = time.monotonic_ns()
             process = self.scanner.observe(pid, identity=identity)  # the stat file only now
         except (ProcessGone, PermissionError):
@@ -325,19 +377,17 @@ class Daemon:
             self._changed_meanwhile.add(pid)
             self._changed_meanwhile.update(sample.key.pid for sample in lineage)
             self.execs_during_scans += 1
-        events, job = self.table.admit(process, time.time(), lineage)
-        if job is not None and self.enforcing:
-            events += self._confine(job, [pid])  # bookkeeping; sets what was not foreseen
-            if job.cpus != foreseen:
-                confined_ns = time.monotonic_ns()
-            self.exec_latency_us.append((confined_ns - event.timestamp_ns) / 1000)
-            between = [sample.key.pid for sample in lineage if self.table.job_of(sample.key.pid)]
-            if between:  # they joined with it (forked before the job began, if not confined)
-                events += self._confine(job, between)
-            if self.fences is not None:
-                self.fences.confine(job.name, (pid, *between), job.cpus)  # the fence follows
-        for reported in events:
-            self.reporter.emit(reported)
+        now = time.time()
+        outcome = self.table.handle(ExecStat(process, tuple(lineage)), now)
+        masks_set_ns = self._carry_out(outcome.effects, now)
+        pinned = {effect.cpus for effect in ahead if isinstance(effect, Pin)}
+        for effect in outcome.effects:
+            if isinstance(effect, Confine) and pid in effect.pids:
+                if effect.cpus not in pinned and masks_set_ns is not None:
+                    confined_ns = masks_set_ns  # not pinned ahead, or to other CPUs
+                self.exec_latency_us.append((confined_ns - event.timestamp_ns) / 1000)
+        for reported in outcome.events:
+            self._emit(reported)
 
     def _lineage(self, ppid: int) -> tuple[list[Sample], int]:
         """The exec path's ancestry walk: the ancestors the table does not know yet
@@ -356,60 +406,28 @@ class Daemon:
             pid = sample.ppid
         return lineage, pid
 
-    def _escapes(self) -> list[Event]:
-        """Jobs that widened their own masks since the last scan (set back already)."""
-        by_name = {job.name: job for job in self.table.jobs.values()}
-        return [
-            JobEscaped(**job_facts(by_name[name]), escaped_threads=count)
-            for name, count in self.affinity.take_escapes().items()
-            if name in by_name
-        ]
-
-    def _enforce(self, job: Job, pids: list[int]) -> list[Event]:
-        """Affinity now, then the fence (on its worker)."""
-        events = self._confine(job, pids)
-        if self.fences is not None:
-            self.fences.confine(job.name, pids, job.cpus)
-        return events
-
-    def _confine(self, job: Job, pids: list[int]) -> list[Event]:
-        """Every thread's mask to the job's cores; an error is reported once per job."""
-        try:
-            self.affinity.confine(job.name, pids, job.cpus)
-        except EnforcementError as err:
-            if job.id not in self._failed:
-                self._failed.add(job.id)
-                return [EnforcementFailed(**job_facts(job), error=str(err))]
-        return []
+    def _emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            sink.emit(event)
 
     def _fence_failed(self, job: str, error: str) -> None:
         if (job, error) not in self._fence_errors:
             self._fence_errors.add((job, error))
-            self.reporter.emit(FenceFailed(job=job, error=error))
+            self._emit(FenceFailed(job=job, error=error))
 
-    def _adopt(self) -> dict[str, frozenset[int]]:
+    def _adopt(self) -> None:
         """Before the first scan: what jobs held when a previous daemon stopped (the fences
-        it left, and processes' masks), for the table to keep where the policy still allows
-        (`JobTable.adopt`). Returns the fences, for `_release_orphaned_fences`."""
+        it left, and processes' masks), for the core to keep where the policy still allows;
+        the fences whose job is gone it releases after the first scan."""
         if not self.enforcing:
-            return {}
+            return
         left: dict[str, frozenset[int]] = {}
         if self.fences is not None:
             try:
                 left = self.fences.backend.adopt()
             except EnforcementError as err:  # e.g. the system bus did not answer
-                self.reporter.emit(FenceFailed(job="(adopting fences)", error=str(err)))
-        self.table.adopt(left, self.affinity.adopt())
-        return left
-
-    def _release_orphaned_fences(self, left: dict[str, frozenset[int]]) -> None:
-        """After the first scan: fences a previous daemon left (`left`, from `_adopt`) whose
-        job is gone; the others the scan confined again."""
-        if self.fences is None or not self.enforcing:
-            return
-        current = {job.name for job in self.table.jobs.values()} | self.table.kept_for_later()
-        for job in left.keys() - current:
-            self.fences.release(job, ())
+                self._emit(FenceFailed(job="(adopting fences)", error=str(err)))
+        self._apply(Adopt(left, self.affinity.adopt()), time.time())
 
     def _backend_description(self) -> str:
         if self.fences is None:
@@ -451,7 +469,7 @@ class Daemon:
         except Exception as err:  # a flaw in applying it: back to the policy in force
             self._apply_policy(in_force)
             self._reject([f"{self.policy_path}: cannot be applied: {type(err).__name__}: {err}"])
-        self.reporter.emit(PolicyReloaded(policy=policy.source, rules=len(policy.rules)))
+        self._emit(PolicyReloaded(policy=policy.source, rules=len(policy.rules)))
         self.scan()
         if restart_only:
             return f"reloaded; daemon.{', daemon.'.join(restart_only)} take effect at restart"
@@ -459,14 +477,13 @@ class Daemon:
 
     def _apply_policy(self, policy: Policy) -> None:
         self.policy = policy
-        self.table.enforcing = self.enforcing
-        self.table.replace_policy(policy)
+        self._apply(ReplacePolicy(policy), time.time())
 
     def _reject(self, errors: Sequence[str]) -> NoReturn:
         """Report a rejected reload: every error in one event (one line: "; " between
         them, as the stderr log has a line per event), and to the caller one per line."""
         joined = "; ".join(errors)
-        self.reporter.emit(PolicyRejected(policy=str(self.policy_path), error=joined))
+        self._emit(PolicyRejected(policy=str(self.policy_path), error=joined))
         said = joined if len(errors) == 1 else f"{len(errors)} errors\n" + "\n".join(errors)
         raise CommandFailed(f"reload rejected, the policy in force stays: {said}")
 
@@ -479,7 +496,7 @@ class Daemon:
             return {"version": __version__, "pid": os.getpid()}
         if request.command == "status":
             return status_document(
-                self.table,
+                self.table.snapshot(),
                 self.policy.daemon.mode,
                 self._backend_description(),
                 self.policy.source,
@@ -487,7 +504,7 @@ class Daemon:
                 self._exec_events_state(),
             )
         if request.command == "violations":
-            return violations_document(self.table)
+            return violations_document(self.table.snapshot())
         if request.command == "reload":
             return self.reload()
         if request.command == "register" and request.registration is not None:
@@ -500,24 +517,20 @@ class Daemon:
             return grant
         if request.command == "report":
             process = self._caller(peer, "reported")
-            job = self.table.job_of(peer.pid)
-            if job is None:
-                raise CommandFailed(f"PID {peer.pid} is in no job: register first")
-            if request.pools is not None:
-                if job.registration is None or job.id != process.key:
-                    raise CommandFailed(
-                        f"PID {peer.pid} did not register: only the process that registered"
-                        " reports its pools"
-                    )
-                # read after its library applied its limits: they replace what it registered
-                job.registration = dataclasses.replace(job.registration, pools=request.pools)
-                self._save_state()
-            if request.report is not None:
-                job.epochs.append(request.report)
+            job = self._requested(Report(process, request.pools, request.report))
             return {"job": job.pid}
         if request.command == "explain" and request.pid is not None:
             return self._explain(request.pid)
         raise CommandFailed(f"unhandled command {request.command!r}")
+
+    def _requested(self, given: Register | Report) -> JobView:
+        """A request's input for the core; CommandFailed when the core refuses it."""
+        try:
+            job = self._apply(given, time.time())
+        except Refused as err:
+            raise CommandFailed(str(err)) from None
+        assert job is not None  # a registration or report always concerns a job
+        return job
 
     def _caller(self, peer: Peer, doing: str) -> Observed:
         """The process that made the connection, read now; CommandFailed when it is gone
@@ -536,87 +549,58 @@ class Daemon:
         """The caller (by SO_PEERCRED and its pidfd, never by what it says) declares
         itself a job."""
         process = self._caller(peer, "registered")
-        try:
-            events, job = self.table.register(process, registration, time.time())
-        except RegistrationRefused as err:
-            raise CommandFailed(str(err)) from None
-        if self.enforcing:
-            events += self._enforce(job, sorted(key.pid for key in job.members))
-        for event in events:
-            self.reporter.emit(event)
-        self._save_state()
+        job = self._requested(Register(process, registration))
         return grant_document(job, self.enforcing)
 
-    def _save_state(self) -> None:
+    def _save_state(self, registrations: Sequence[tuple[str, KeptRegistration]]) -> None:
         """Keep what registered jobs declared for a restarted daemon (state.py)."""
-        registrations = self.table.registrations()
-        if registrations == self._saved:
-            return
         try:
-            left_out = save_state(Path(self.policy.daemon.state_dir), registrations)
+            left_out = save_state(Path(self.policy.daemon.state_dir), list(registrations))
         except OSError as err:
-            self.reporter.emit(StateProblem(error=f"{self.policy.daemon.state_dir}: {err}"))
+            self._emit(StateProblem(error=f"{self.policy.daemon.state_dir}: {err}"))
         else:
             if left_out:
-                self.reporter.emit(
+                self._emit(
                     StateProblem(
                         error=f"{left_out} of {len(registrations)} registrations left out of"
                         f" {self.policy.daemon.state_dir}/{STATE_FILE}: beyond its limits"
                     )
                 )
-        self._saved = registrations
 
     def _explain(self, pid: int) -> dict[str, Any]:
-        job = self.table.job_of(pid)
+        job = self.table.view_of(pid)
         if job is None:
             raise CommandFailed(f"PID {pid} is in no job (corecapctl status lists the jobs)")
         diagnosis = self._diagnose(job)
         return {
             "pid": pid,
             "job": job.pid,
-            "rule": job.rule.name,
-            "state": "violation" if job.violation.active else "ok",
+            "rule": job.rule,
+            "state": "violation" if job.violating else "ok",
             "budget_basis": job.budget.basis,
             "epochs": [{"epoch": e.epoch, "threads": e.threads} for e in job.epochs],
             **diagnosis.as_dict(),
             "members": members_document(job),
         }
 
-    def _diagnose(self, job: Job) -> Diagnosis:
-        """Read the evidence (thread names, environment) and ask the pure diagnosis."""
+    def _diagnose(self, job: JobView) -> Diagnosis:
+        return diagnose(job.diagnosis_facts(), self._evidence(job.pids))
+
+    def _evidence(self, pids: Sequence[int]) -> Evidence:
+        """What a job's processes (`pids`, root first) show now: thread names, threading
+        variables (the root's win) and the root's name."""
         names: Counter[str] = Counter()
-        environment: dict[str, str] = {}  # every member's, the root's first
-        for key in sorted(job.members, key=lambda k: (k != job.id, k.start_ticks)):
+        environment: dict[str, str] = {}
+        for pid in pids:
             with contextlib.suppress(ProcessGone, PermissionError):
-                names += self.scanner.procfs.thread_names(key.pid)
-                found = self.scanner.procfs.environment(key.pid, THREADING_VARIABLES)
+                names += self.scanner.procfs.thread_names(pid)
+                found = self.scanner.procfs.environment(pid, THREADING_VARIABLES)
                 environment = found | environment
         try:
-            process_name = self.scanner.procfs.comm(job.pid)
+            process_name = self.scanner.procfs.comm(pids[0]) if pids else ""
         except (ProcessGone, PermissionError):
             process_name = ""
-        facts = JobFacts(
-            cpus=len(job.cpus),
-            threads=job.threads,
-            budget=job.budget.threads,
-            tensorflow=job.tensorflow,
-            settings=job.settings,
-            pools=job.registration.pools if job.registration else (),
-        )
-        return diagnose(facts, Evidence(names, environment, process_name))
-
-    def _explained(self, events: list[Event]) -> list[Event]:
-        """Violation onsets carry their diagnosis (read now, while the threads exist)."""
-        explained: list[Event] = []
-        for event in events:
-            job = self.table.job_of(event.pid) if isinstance(event, ViolationStarted) else None
-            if isinstance(event, ViolationStarted) and job is not None:
-                summary = self._diagnose(job).summary()
-                if job.record is not None:
-                    job.record.diagnosis = summary
-                event = dataclasses.replace(event, diagnosis=summary)
-            explained.append(event)
-        return explained
+        return Evidence(names, environment, process_name)
 
     def _exec_events_state(self) -> dict[str, Any]:
         if not isinstance(self.exec_events, ProcEventSocket):
@@ -633,9 +617,8 @@ class Daemon:
         }
 
     def _status_line(self) -> str:
-        jobs = self.table.jobs.values()
-        over = sum(1 for job in jobs if job.violation.active)
-        return f"STATUS={len(jobs)} jobs, {over} over budget, mode {self.policy.daemon.mode}"
+        jobs, over = self.table.counts()
+        return f"STATUS={jobs} jobs, {over} over budget, mode {self.policy.daemon.mode}"
 
 
 def _watchdog_interval() -> float | None:
@@ -679,7 +662,7 @@ def build(config: Path) -> Daemon:
         _subscribe(policy),
     )
     try:
-        table.restore(load_state(Path(policy.daemon.state_dir)))
+        table.handle(Restore(load_state(Path(policy.daemon.state_dir))), time.time())
     except StateError as err:
         daemon.state_problem = str(err)
     return daemon

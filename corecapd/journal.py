@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import systemd.daemon
 import systemd.journal
@@ -26,7 +26,16 @@ def under_journal() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM"))
 
 
+class Sink(Protocol):
+    """Where events go: the journal (or stderr) now, metrics next. Called on the loop's
+    thread, once per event, in order; must not block."""
+
+    def emit(self, event: Event) -> None: ...
+
+
 class Reporter:
+    """The journal sink (stderr lines outside systemd), and sd_notify."""
+
     def __init__(self, to_journal: bool, stream: TextIO = sys.stderr) -> None:
         self.to_journal = to_journal
         self.stream = stream

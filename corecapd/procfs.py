@@ -14,7 +14,7 @@ import grp
 import os
 import pwd
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Generator, Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -318,18 +318,26 @@ class Scanner:
         self._identities: dict[ProcKey, tuple[int | None, Identity]] = {}  # by exec mark
         self._libraries: dict[ProcKey, frozenset[str]] = {}
 
-    def scan(
-        self,
-        libraries_wanted: frozenset[ProcKey],
-        meanwhile: Callable[[], object] | None = None,
-    ) -> dict[ProcKey, Observed]:
-        """Every process now. `meanwhile` runs every SCAN_BREAK processes: with thousands of
-        processes a scan takes tens of ms (30 ms for 1,500 here), too long to keep the exec
-        path waiting."""
+    def scan(self, libraries_wanted: frozenset[ProcKey]) -> dict[ProcKey, Observed]:
+        """Every process now, in one go."""
+        scanning = self.scanning(libraries_wanted)
+        while True:
+            try:
+                next(scanning)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    def scanning(
+        self, libraries_wanted: frozenset[ProcKey]
+    ) -> Generator[None, None, dict[ProcKey, Observed]]:
+        """Every process now (the generator's return value), yielding every SCAN_BREAK
+        processes: with thousands of processes a scan takes tens of ms (30 ms for 1,500
+        here), too long to keep the exec path waiting, so the caller handles its events
+        at each yield."""
         seen: dict[ProcKey, Observed] = {}
         for count, pid in enumerate(self.procfs.pids()):
-            if meanwhile is not None and count % SCAN_BREAK == 0:
-                meanwhile()
+            if count % SCAN_BREAK == 0:
+                yield
             try:
                 observed = self.observe(pid, libraries_wanted)
             except (ProcessGone, PermissionError):

@@ -181,9 +181,16 @@ def test_scanner_reads_libraries_only_when_asked() -> None:
 
 
 def test_a_scan_breaks_for_the_exec_path_every_few_processes() -> None:
-    breaks = []
-    seen = Scanner(ProcFS()).scan(frozenset(), lambda: breaks.append(len(breaks)))
-    assert len(seen) // SCAN_BREAK <= len(breaks) <= len(os.listdir("/proc")) // SCAN_BREAK + 1
+    scanning = Scanner(ProcFS()).scanning(frozenset())
+    breaks = 0
+    while True:
+        try:
+            next(scanning)
+        except StopIteration as done:
+            seen = done.value
+            break
+        breaks += 1
+    assert len(seen) // SCAN_BREAK <= breaks <= len(os.listdir("/proc")) // SCAN_BREAK + 1
 
 
 def test_online_cpus_matches_the_kernel() -> None:
