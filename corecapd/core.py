@@ -245,16 +245,15 @@ class JobTable:
                 self.restore(registrations)
                 return Outcome()
             case Escapes(threads):
-                by_name = {job.name: job for job in self.jobs.values()}
                 return Outcome(
                     events=[
-                        JobEscaped(**job_facts(by_name[name]), escaped_threads=count)
+                        JobEscaped(**job_facts(job), escaped_threads=count)
                         for name, count in threads.items()
-                        if name in by_name
+                        if (job := self._named(name)) is not None
                     ]
                 )
             case ConfineFailed(job_name, error):
-                found = next((j for j in self.jobs.values() if j.name == job_name), None)
+                found = self._named(job_name)
                 if found is None or job_name in self._failed:
                     return Outcome()
                 self._failed.add(job_name)
@@ -262,6 +261,11 @@ class JobTable:
             case Prepare():
                 self.foresee()
                 return Outcome()
+
+    def _named(self, name: str) -> Job | None:
+        """The job called `name` (`Job.name`), if it runs."""
+        key = job_key(name)
+        return None if key is None else self.jobs.get(key)
 
     def _scanned(self, processes: Mapping[ProcKey, Observed], now: float) -> Outcome:
         events = self.step(processes, now)
@@ -342,8 +346,8 @@ class JobTable:
         onset = self._withheld.pop(job_name, None)
         if onset is None:
             return []
-        job = self.job_of(onset.pid)
-        if job is None or job.name != job_name:
+        job = self._named(job_name)
+        if job is None:
             return [onset]
         summary = diagnose(self.view(job).diagnosis_facts(), evidence).summary()
         if job.record is not None:

@@ -362,9 +362,7 @@ class Daemon:
             identity, ppid = self.scanner.procfs.identity_and_parent(pid, exe)
             lineage, ancestor = self._lineage(ppid)
             ahead = self.table.handle(Exec(pid, ancestor, identity), time.time()).effects
-            for effect in ahead:
-                if isinstance(effect, Pin):
-                    self.affinity.pin(pid, effect.cpus)
+            self._carry_out(ahead, time.time())
             confined_ns = time.monotonic_ns()
             process = self.scanner.observe(pid, identity=identity)  # the stat file only now
         except (ProcessGone, PermissionError):
