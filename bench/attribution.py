@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corecapd.attribution import Layer, ProcessEvidence, StackAttributor, SymbolTables
+from corecapd.diagnosis import Evidence, JobFacts, ThreadLayer, diagnose
 
 # Records each name TF (or anyone) gives a thread, with the pthread_t it names.
 SETNAME_SHIM = r"""
@@ -272,6 +273,7 @@ class Run:
     baseline_pause_ms: float
     gdb_pause_s: float
     running: int  # threads that read "running" in /proc/PID/task/TID/syscall, live
+    environment: dict[str, str]  # the workload's extra variables (OMP_NUM_THREADS=16)
 
 
 @contextmanager
@@ -366,6 +368,7 @@ def measure(name: str, shim: Path, folder: Path, settle: float, warm: int) -> Ru
         baseline_pause_ms=longest_gap(gaps, [baseline]) * 1e3,
         gdb_pause_s=gdb_pause,
         running=running,
+        environment=env,
     )
 
 
@@ -415,6 +418,27 @@ def score(
         for tid, (layer, runtime) in truth.items()
         if tid in found
     ]
+
+
+def fixes(run: Run, cpus: int) -> tuple[list[str], list[str]]:
+    """(layers the diagnosis of the held attribution names a fix for, layers oversized by
+    the same rule applied to gdb's true layers), for a job granted `cpus`: each thread's
+    library comes from the attribution in both (only the layer is being scored)."""
+    held = {thread.tid: thread for thread in run.held.threads}
+    pid = run.held.key.pid
+
+    def diagnosed(layers: dict[int, tuple[Layer, str]]) -> list[str]:
+        threads = tuple(
+            ThreadLayer(pid, tid, "", layer.value, runtime, held[tid].library, "")
+            for tid, (layer, runtime) in layers.items()
+            if tid in held
+        )
+        facts = JobFacts(cpus, len(threads), 0, False, None, ())
+        found = diagnose(facts, Evidence({}, run.environment, threads, cpus))
+        return [finding.name for finding in found.oversized]
+
+    said = {thread.tid: (thread.layer, thread.runtime) for thread in run.held.threads}
+    return diagnosed(said), diagnosed(run.truth)
 
 
 def print_table(title: str, pairs: list[tuple[Layer, Layer, bool]]) -> None:
@@ -488,6 +512,18 @@ def main() -> None:
     )
     print_table("live", [pair for run in runs for pair in score(run.truth, run.live)])
     print_table("held by gdb", [pair for run in runs for pair in score(run.truth, run.held)])
+    cpus = len(os.sched_getaffinity(0))  # the workloads ran on these: their pools' size
+    print(f"\nfixes named, for a job granted the {cpus} CPUs the workloads ran on:")
+    print(f"{'workload':30} {'oversized (gdb)':32} {'fix named for':32} {'wrong':>5}")
+    wrong_total = 0
+    for run in runs:
+        named, oversized = fixes(run, cpus)
+        wrong = len(set(named) ^ set(oversized))
+        wrong_total += wrong
+        print(
+            f"{run.name:30} {', '.join(oversized) or '-':32} {', '.join(named) or '-':32} {wrong:5}"
+        )
+    print(f"fixes named for a layer that is not oversized, or missed: {wrong_total}")
     for run in runs:  # what was said, per workload and layer, for the record
         said = Counter(
             (thread.layer.value, thread.runtime, thread.evidence) for thread in run.held.threads

@@ -39,7 +39,7 @@ def main() -> None:
         for n in range(args.events)
     ]
     marshal = ProcEventMarshal()
-    ours = per_event(lambda d: parse_messages(d, None), datagrams, args.repeats)
+    ours = per_event(lambda d: parse_messages(d), datagrams, args.repeats)
     theirs = per_event(lambda d: list(marshal.parse(d)), datagrams, args.repeats)
     print(f"decode one cn_proc event, median of {args.repeats} x {args.events}, CPU time")
     print(f"corecapd parse_messages   {ours * 1e6:7.2f} us")

@@ -14,7 +14,9 @@ the highest CPU.
 Three enforcers, each idle and with 2 CPU hogs, in the same run:
   corecapd     the daemon of this repository (rule on the unique exe name, 1 CPU; the policy
                reserves every other CPU, so the grant is the highest CPU), and once more with
-               `realtime_priority = 10` (corecapd-rt);
+               `realtime_priority = 10` (corecapd-rt); corecapd-metrics and
+               corecapd-rt-metrics add `metrics = "127.0.0.1:PORT"` and a scrape of
+               /metrics every second from this process during the cell;
   cgrulesengd  Debian's cgroup-tools, a cgrules.conf rule `*:pybench<hex>` into a cgroup v1
                cpuset of the highest CPU (see bench/cgrules_fixture.py: /etc is restored exactly);
   poller       a Python loop that every 1.0 s lists /proc and pins every thread of every
@@ -49,11 +51,14 @@ import random
 import secrets
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,7 +72,16 @@ from corecapd.client import DaemonUnreachable, call
 from corecapd.protocol import ProtocolError
 
 REPO = Path(__file__).resolve().parent.parent
-ENFORCERS = ("none", "corecapd", "corecapd-rt", "cgrulesengd", "poller")
+ENFORCERS = (
+    "none",
+    "corecapd",
+    "corecapd-rt",
+    "corecapd-metrics",
+    "corecapd-rt-metrics",
+    "cgrulesengd",
+    "poller",
+)
+SCRAPE_INTERVAL = 1.0  # seconds: -metrics cells are scraped this often (Prometheus: 15-60 s)
 KINDS: dict[str, list[str]] = {"normal": [], "fast": ["-S", "-I"]}
 LOADS = ("idle", "2 hogs")
 HOGS = 2
@@ -428,13 +442,13 @@ class Enforcer:
 class Corecapd(Enforcer):
     label = "corecapd"
 
-    def __init__(
-        self, reaper: Reaper, workdir: Path, exe_name: str, cpu: int, realtime: bool
-    ) -> None:
-        self.label = "corecapd-rt" if realtime else "corecapd"
+    def __init__(self, reaper: Reaper, workdir: Path, exe_name: str, cpu: int, label: str) -> None:
+        self.label = label  # corecapd, corecapd-rt, corecapd-metrics, corecapd-rt-metrics
         super().__init__(reaper, workdir)
         self.socket = workdir / f"{self.label}.sock"
         self.policy = workdir / f"{self.label}.toml"
+        self.metrics_port = free_port() if label.endswith("-metrics") else None
+        self.scraper: Scraper | None = None
         others = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)) if c != cpu)
         self.policy.write_text(
             "[daemon]\n"
@@ -442,7 +456,8 @@ class Corecapd(Enforcer):
             "scan_interval = 1.0\n"
             f'reserved_cpus = "{others}"  # every CPU but {cpu}: the grant is CPU {cpu}\n'
             f'socket = "{self.socket}"\n'
-            + ("realtime_priority = 10\n" if realtime else "")
+            + ("realtime_priority = 10\n" if "-rt" in label else "")
+            + (f'metrics = "127.0.0.1:{self.metrics_port}"\n' if self.metrics_port else "")
             + "\n[[rules]]\n"
             'name = "bench"\n'
             f'match = {{ exe = ["{exe_name}"], users = ["root"] }}\n'
@@ -460,11 +475,18 @@ class Corecapd(Enforcer):
             self.check_alive_corecapd()
             try:
                 call(self.socket, "ping", timeout=1.0)
-                return
+                break
             except (DaemonUnreachable, ProtocolError):
                 if time.monotonic() > deadline:
                     raise Unavailable(f"no answer on {self.socket}: {self.log_tail()}") from None
                 time.sleep(0.05)
+        if self.metrics_port is not None:
+            self.scraper = Scraper(f"http://127.0.0.1:{self.metrics_port}/metrics")
+
+    def stop(self) -> None:
+        if self.scraper is not None:
+            self.scraper.stop()
+        super().stop()
 
     def check_alive_corecapd(self) -> None:
         try:
@@ -480,7 +502,40 @@ class Corecapd(Enforcer):
             host = call(self.socket, "status")["host"]
         except (DaemonUnreachable, ProtocolError) as err:
             return {"error": str(err)}
-        return {key: host.get(key) for key in ("exec_events", "exec_confine_us")}
+        found = {key: host.get(key) for key in ("exec_events", "exec_confine_us")}
+        if self.scraper is not None:
+            found["scrapes"] = {"ok": self.scraper.ok, "failed": self.scraper.failed}
+        return found
+
+
+class Scraper:
+    """GETs `url` every SCRAPE_INTERVAL from a thread until stopped, as Prometheus would."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ok = self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SCRAPE_INTERVAL):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as answer:
+                    answer.read()
+                self.ok += 1
+            except OSError:
+                self.failed += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 class Cgrulesengd(Enforcer):
@@ -681,7 +736,7 @@ def confine_us(row: Row) -> str:
 
 def table(rows: list[Row]) -> str:
     header = (
-        f"{'enforcer':<12} {'start':<6} {'load':<6} {'ld1':>4} {'n':>4} {'1st p50':>7}"
+        f"{'enforcer':<19} {'start':<6} {'load':<6} {'ld1':>4} {'n':>4} {'1st p50':>7}"
         f" {'1st p99':>7} {'first%':>6} {'p50ms':>7} {'p99ms':>7} {'maxms':>7} {'never':>5}"
         f" {'cpu ms/1k':>9} {'forks':>5} {'rss MB':>6}  event->applied ms p50/p99/max"
     )
@@ -690,10 +745,10 @@ def table(rows: list[Row]) -> str:
         if row.kind.startswith("unrelated"):
             continue
         if row.note.startswith(("n/a", "failed")):
-            lines.append(f"{row.enforcer:<12} {row.note}")
+            lines.append(f"{row.enforcer:<19} {row.note}")
             continue
         start = (
-            f"{row.enforcer:<12} {row.kind:<6} {row.load:<6} {row.load1:>4.1f} {row.children:>4}"
+            f"{row.enforcer:<19} {row.kind:<6} {row.load:<6} {row.load1:>4.1f} {row.children:>4}"
             f" {ms(row.first_p50_ms):>7} {ms(row.first_p99_ms):>7}"
         )
         if row.enforcer == "none":
@@ -711,16 +766,16 @@ def table(rows: list[Row]) -> str:
             "",
             f"unrelated execs (/bin/true): enforcer CPU in {unrelated[0].seconds:g} s windows with"
             " them and without (medians of 3 each)",
-            f"{'enforcer':<12} {'execs':>5} {'host forks':>13} {'cpu ms':>13} {'ms/1k':>6}"
+            f"{'enforcer':<19} {'execs':>5} {'host forks':>13} {'cpu ms':>13} {'ms/1k':>6}"
             f" {'raw':>6} {'rss MB':>6}",
-            f"{'':<12} {'':>5} {'with':>6} {'w/out':>6} {'with':>6} {'w/out':>6} {'slope':>6}",
+            f"{'':<19} {'':>5} {'with':>6} {'w/out':>6} {'with':>6} {'w/out':>6} {'slope':>6}",
         ]
     for row in unrelated:
         if row.note.startswith(("n/a", "failed")):
-            lines.append(f"{row.enforcer:<12} {row.note}")
+            lines.append(f"{row.enforcer:<19} {row.note}")
             continue
         lines.append(
-            f"{row.enforcer:<12} {row.execs:>5} {row.busy_forks:>6} {row.quiet_forks:>6}"
+            f"{row.enforcer:<19} {row.execs:>5} {row.busy_forks:>6} {row.quiet_forks:>6}"
             f" {row.busy_ms:>6.1f} {row.quiet_ms:>6.1f} {row.net_per_1k_ms:>6.1f}"
             f" {row.cpu_per_1k_ms:>6.1f} {row.rss_mb:>6.1f}"
         )
@@ -795,7 +850,7 @@ def repeat_summary(rows: list[Row]) -> str:
         ]
         if applied:
             parts.append(_spread(applied, "{:.2f}"))
-        lines.append(f"  {enforcer:<12} {kind:<6} {load:<6} n={len(repeats)}: {'; '.join(parts)}")
+        lines.append(f"  {enforcer:<19} {kind:<6} {load:<6} n={len(repeats)}: {'; '.join(parts)}")
     return "\n".join(lines)
 
 
@@ -849,7 +904,7 @@ def measure_enforcer(
         if name == "none":
             pass
         elif name.startswith("corecapd"):
-            enforcer = Corecapd(reaper, workdir, exe_name, cpu, realtime=name == "corecapd-rt")
+            enforcer = Corecapd(reaper, workdir, exe_name, cpu, name)
         elif name == "poller":
             enforcer = Poller(reaper, workdir, exe_name, cpu)
         else:
@@ -886,7 +941,7 @@ def measure_enforcer(
                         print(f"  {name}: {note}")
                         return [*rows, Row(name, "-", "-", note=note)]
                     print(
-                        f"  {name:<12} {kind:<6} {load:<6} load {row.load1:.2f},"
+                        f"  {name:<19} {kind:<6} {load:<6} load {row.load1:.2f},"
                         f" 1st statement p50 {row.first_p50_ms:.1f} p99 {row.first_p99_ms:.1f};"
                         f" confined at 1st {row.first_pct:5.1f}%"
                         f" p50 {ms(row.p50_ms)} p99 {ms(row.p99_ms)} max {ms(row.max_ms)} ms,"
@@ -899,7 +954,7 @@ def measure_enforcer(
             return rows
         row = run_unrelated(enforcer, args.unrelated, args.window)
         print(
-            f"  {name:<12} unrelated: {row.busy_ms:.1f} ms CPU with, {row.quiet_ms:.1f} ms"
+            f"  {name:<19} unrelated: {row.busy_ms:.1f} ms CPU with, {row.quiet_ms:.1f} ms"
             f" without ({args.window:g} s windows); {row.note}"
         )
         rows.append(row)

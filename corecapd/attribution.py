@@ -58,16 +58,13 @@ import mmap
 import os
 import re
 import struct
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol
-
-from elftools.common.exceptions import ELFError
-from elftools.common.utils import struct_parse
-from elftools.elf.elffile import ELFFile
 
 from corecapd.model import ProcKey
 from corecapd.procfs import ProcessGone, vanishing
@@ -97,6 +94,7 @@ class ThreadEvidence:
     layer: Layer
     runtime: str  # within the layer: "libgomp", "private pool", ...; "" when there is none
     evidence: str  # a short sentence: "start routine gomp_thread_start in libgomp.so.1"
+    library: str = ""  # the file its start routine lies in (pools of one layer, told apart)
 
 
 @dataclass(frozen=True)
@@ -407,7 +405,29 @@ class _Library:
 
 _SYMBOL = struct.Struct("<IBBHQQ")  # Elf64_Sym
 _FUNCTION_TYPES = (2, 10)  # STT_FUNC, STT_GNU_IFUNC
-_ELF_ERRORS = (ELFError, OSError, ValueError, IndexError, KeyError, struct.error)
+
+
+def _elf_errors() -> tuple[type[Exception], ...]:
+    """What reading a library may raise: it is malformed, unreadable, or gone."""
+    _keep_readline_out()
+    from elftools.common.exceptions import ELFError
+
+    return (ELFError, OSError, ValueError, IndexError, KeyError, struct.error)
+
+
+def _keep_readline_out() -> None:
+    """Called before pyelftools is imported, which is on the first look at a job: imported
+    with the daemon, it and what it imports add 11 MB to an RSS of 36, and most daemons
+    never explain a job.
+
+    pyelftools imports pdb (elftools.construct.debug), Python 3.13's pdb imports rlcompleter,
+    and rlcompleter imports readline, whose initialisation reads the terminal's terminfo entry:
+    ncurses 6.5 (Debian 13) opens it after setfsuid(), a @privileged system call for which the
+    unit's SystemCallFilter= kills corecapd (SIGSYS). Nothing here reads a line from a terminal:
+    readline is made unimportable (None in sys.modules) unless it is loaded already, and
+    rlcompleter and pdb carry on without it.
+    """
+    sys.modules.setdefault("readline", None)  # type: ignore[arg-type]  # None: not importable
 
 
 class SymbolTables:
@@ -448,7 +468,7 @@ class SymbolTables:
                 found = None if address is None else _find_symbol(file, library.tables, address)
                 library.symbols[file_offset] = found
                 return found
-        except _ELF_ERRORS:
+        except _elf_errors():  # evaluated only when something was raised
             return None
 
     def _library(self, key: FileKey, file: IO[bytes]) -> _Library | None:
@@ -476,7 +496,13 @@ def _read_library(file: IO[bytes]) -> _Library | None:
     """The load segments and symbol tables of an ELF file, None if not 64-bit little-endian.
 
     pyelftools parses the headers; its section objects are not built, since making the
-    sections of libtensorflow_cc parses its GNU hash tables whole (0.7 s, measured)."""
+    sections of libtensorflow_cc parses its GNU hash tables whole (0.7 s, measured).
+
+    """
+    _keep_readline_out()
+    from elftools.common.utils import struct_parse
+    from elftools.elf.elffile import ELFFile
+
     elf = ELFFile(file)
     if elf.elfclass != 64 or not elf.little_endian:
         return None
@@ -589,8 +615,11 @@ class StackAttributor:
                 continue
             start, created_as = found.get(tid, (None, None))
             verdict = classify(tid, pid, start, created_as)
+            library = start.library if start is not None else ""
             threads.append(
-                ThreadEvidence(tid, comms[tid], verdict.layer, verdict.runtime, verdict.evidence)
+                ThreadEvidence(
+                    tid, comms[tid], verdict.layer, verdict.runtime, verdict.evidence, library
+                )
             )
         if self._start_ticks(pid) != start_ticks:
             raise ProcessGone(pid)  # the PID now names another process

@@ -47,17 +47,20 @@ DATA_WORKER_WEIGHT = 2
 
 
 def declared_budget(settings: Settings, slack: int) -> Budget:
-    """The budget of a job that registered: what it declared, plus the runtime."""
+    """The budget of a job that registered: what it declared (its pools, and the threads
+    of what hosts it, such as a Ray worker's), plus the runtime."""
     declared = (
         settings.intra_op
         + settings.inter_op
         + DATA_WORKER_WEIGHT * settings.data_workers
         + settings.blas
+        + settings.host_threads
     )
+    host = f" + {settings.host_threads} host" if settings.host_threads else ""
     basis = (
         f"declared: intra {settings.intra_op} + inter {settings.inter_op}"
         f" + {DATA_WORKER_WEIGHT}x data {settings.data_workers} + BLAS {settings.blas}"
-        f" + {RUNTIME_THREADS} runtime + {slack} slack"
+        f"{host} + {RUNTIME_THREADS} runtime + {slack} slack"
     )
     return Budget(declared + RUNTIME_THREADS + slack, basis)
 

@@ -31,7 +31,7 @@ from corecapd.budget import (
 )
 from corecapd.cpulist import format_cpulist
 from corecapd.declaration import Pool, Registration, Settings, resolve
-from corecapd.diagnosis import Evidence, diagnose
+from corecapd.diagnosis import Diagnosis, Evidence, diagnose
 from corecapd.effects import (
     Adopt,
     Confine,
@@ -46,10 +46,10 @@ from corecapd.effects import (
     Input,
     JobView,
     Member,
+    NextScan,
     Outcome,
     Pin,
     Prepare,
-    ReadLibraries,
     Register,
     Release,
     ReplacePolicy,
@@ -67,6 +67,7 @@ from corecapd.events import (
     JobEnded,
     JobEscaped,
     JobStarted,
+    LayerOversized,
     StateProblem,
     ViolationEnded,
     ViolationEndedWithJob,
@@ -87,6 +88,11 @@ from corecapd.violations import Transition, ViolationState
 
 VIOLATION_HISTORY = 1000
 EPOCHS_KEPT = 100  # per-epoch thread counts a job's Keras callback reported
+# A job within budget has its layers checked (`GatherEvidence`) when its thread count
+# reaches a new high above its cores, at most once in this many seconds: a TF job's
+# attribution costs 7-11 ms of CPU (docs/diagnosis.md), so at most ~0.04% of a CPU per job,
+# and the first check comes at the first scan after its grace.
+LAYER_CHECK_INTERVAL = 30.0
 # Libraries load late (TensorFlow ~2 s after exec; a notebook may import it after hours).
 # /proc/PID/maps is re-read at doubling ages (0.1, 0.2, 0.4 ... s), so a process costs a
 # handful of reads (~2 ms each for TensorFlow) over its life, never one per scan.
@@ -142,6 +148,7 @@ class Job:
     settings: Settings | None = None  # its declaration resolved against its grant
     epochs: deque[EpochReport] = field(default_factory=lambda: deque(maxlen=EPOCHS_KEPT))
     uid: int = -1  # of the matched process (kept with its registration across restarts)
+    parent: ProcKey | None = None  # a sub-job's enclosing job: its cpus are within that job's
 
     @property
     def pid(self) -> int:
@@ -192,6 +199,11 @@ class JobTable:
         self._not_kept: dict[ProcKey, str] = {}
         self._ignored: set[ProcKey] = set()
         self._waiting: set[ProcKey] = set()  # classification may change once libraries load
+        # Members a sub-job rule may still take once their libraries are read (its `loads`)
+        self._sub_waiting: set[ProcKey] = set()
+        # A scan that read only what was watched could not see what matters now (a reload:
+        # every process is classified afresh; a new job's earlier children): read all.
+        self._complete_next = False
         self._library_reads: dict[ProcKey, LibraryRead] = {}
         self._recheck: set[ProcKey] = set()  # read libraries on the next scan, whatever is due
         self._reallocate = False
@@ -202,6 +214,11 @@ class JobTable:
         self._failed: set[str] = set()  # jobs whose failure to confine was reported
         # Violation onsets waiting for their evidence (`GatherEvidence`), by job name
         self._withheld: dict[str, ViolationStarted] = {}
+        # Layer checks of jobs within budget: waiting for evidence; the thread count and
+        # time of each job's last check; each job's open records of oversized layers.
+        self._checking: set[str] = set()
+        self._checked: dict[str, tuple[int, float]] = {}
+        self._layer_records: dict[str, dict[str, ViolationRecord]] = {}
         self._left_fences: frozenset[str] | None = None  # adopted, until the first scan
         self._saved: tuple[tuple[str, KeptRegistration], ...] = ()
 
@@ -212,8 +229,8 @@ class JobTable:
             Refused: a `Register` or `Report` the core will not carry out (nothing changed).
         """
         match given:
-            case Scan(processes):
-                return self._scanned(processes, now)
+            case Scan(processes, complete):
+                return self._scanned(processes, now, complete)
             case Exec(pid, ancestor, identity):
                 cpus = self.foreseen_cpus(pid, ancestor, identity) if self.enforcing else None
                 return Outcome(effects=[] if cpus is None else [Pin((pid,), cpus)])
@@ -221,22 +238,23 @@ class JobTable:
                 events, job = self.admit(process, now, lineage)
                 effects: list[Effect] = []
                 if job is not None and self.enforcing:
-                    between = [s.key.pid for s in lineage if s.key in self._member_of]
+                    between = [s.key.pid for s in lineage if self._member_of.get(s.key) == job.id]
                     effects.append(Confine(job.name, (process.key.pid, *between), job.cpus))
                 return self._outcome(events, effects)
             case Exit(pid):
                 return self._outcome(self.exited(pid, now))
             case Register(process, registration):
                 events, job = self.register(process, registration, now)
-                return self._outcome(events, self._confining(job), job)
+                scan_next = [self._next_scan()] if self._complete_next else []
+                return self._outcome(events, [*self._confining(job), *scan_next], job)
             case Report(process, pools, epoch):
                 return self._reported(process, pools, epoch)
             case EvidenceRead(job_name, evidence):
-                return Outcome(events=self._diagnosed(job_name, evidence))
+                return Outcome(events=self._diagnosed(job_name, evidence, now))
             case ReplacePolicy(policy):
                 self.enforcing = policy.daemon.mode == "enforce"
                 self.replace_policy(policy)
-                return Outcome()
+                return Outcome(effects=[self._next_scan()])
             case Adopt(fences, masks):
                 self.adopt(fences, masks)
                 self._left_fences = frozenset(fences)
@@ -267,8 +285,10 @@ class JobTable:
         key = job_key(name)
         return None if key is None else self.jobs.get(key)
 
-    def _scanned(self, processes: Mapping[ProcKey, Observed], now: float) -> Outcome:
-        events = self.step(processes, now)
+    def _scanned(
+        self, processes: Mapping[ProcKey, Observed], now: float, complete: bool
+    ) -> Outcome:
+        events = self.step(processes, now, complete)
         effects: list[Effect] = []
         if self.enforcing:
             for job in self.jobs.values():
@@ -278,8 +298,18 @@ class JobTable:
                 effects += [Release(name, ()) for name in sorted(self._left_fences - current)]
         self._left_fences = None
         outcome = self._outcome(events, effects)
-        outcome.effects.append(ReadLibraries(self.libraries_wanted))
+        outcome.effects.extend(self._layer_checks_due(now))
+        outcome.effects.append(self._next_scan())
         return outcome
+
+    def _next_scan(self) -> NextScan:
+        """What the next scan must read (`effects.NextScan`)."""
+        return NextScan(self.libraries_wanted, self._complete_next)
+
+    def watched(self) -> frozenset[ProcKey]:
+        """What a partial scan reads now: the jobs' processes, those waiting on their
+        libraries, and those whose libraries are due. O(those), no side effects."""
+        return frozenset(self._member_of) | self._waiting | self.libraries_wanted
 
     def _outcome(
         self, events: list[Event], effects: Sequence[Effect] = (), job: Job | None = None
@@ -296,6 +326,8 @@ class JobTable:
             if isinstance(event, JobEnded):
                 self._failed.discard(event.job)
                 self._withheld.pop(event.job, None)
+                self._checking.discard(event.job)
+                self._checked.pop(event.job, None)
                 if self.enforcing:
                     released.append(Release(event.job, event.live_pids))
             if isinstance(event, ViolationStarted) and (onset := self.job_of(event.pid)):
@@ -341,18 +373,82 @@ class JobTable:
             job.epochs.append(epoch)
         return self._outcome([], job=job)
 
-    def _diagnosed(self, job_name: str, evidence: Evidence) -> list[Event]:
-        """A violation's onset with its diagnosis (the evidence `GatherEvidence` read)."""
+    def _diagnosed(self, job_name: str, evidence: Evidence, now: float) -> list[Event]:
+        """What `GatherEvidence` read: a violation's onset, now with its diagnosis, and
+        the job's oversized layers (at the onset, or at a check within budget)."""
         onset = self._withheld.pop(job_name, None)
-        if onset is None:
-            return []
+        checking = job_name in self._checking
+        self._checking.discard(job_name)
         job = self._named(job_name)
         if job is None:
-            return [onset]
-        summary = diagnose(self.view(job).diagnosis_facts(), evidence).summary()
-        if job.record is not None:
-            job.record.diagnosis = summary
-        return [dataclasses.replace(onset, diagnosis=summary)]
+            return [] if onset is None else [onset]
+        if onset is None and not checking:
+            return []
+        diagnosis = diagnose(self.view(job).diagnosis_facts(), evidence)
+        events: list[Event] = []
+        if onset is not None:
+            summary = diagnosis.summary()
+            if job.record is not None:
+                job.record.diagnosis = summary
+                job.record.layers = [finding.as_dict() for finding in diagnosis.oversized]
+            events.append(dataclasses.replace(onset, diagnosis=summary))
+        return events + self._layers_found(job, diagnosis, now)
+
+    def _layers_found(self, job: Job, diagnosis: Diagnosis, now: float) -> list[Event]:
+        """A record and an event for each layer newly oversized, or wider than when it
+        was reported; the records of layers now within their allowance end."""
+        records = self._layer_records.setdefault(job.name, {})
+        events: list[Event] = []
+        oversized = {finding.layer: finding for finding in diagnosis.oversized}
+        for layer, finding in oversized.items():
+            assert finding.expected is not None  # an oversized layer is a checked one
+            record = records.get(layer)
+            if record is not None and finding.threads <= record.threads:
+                continue
+            if record is None:
+                record = records[layer] = ViolationRecord(
+                    job.pid, job.rule.name, 0, finding.expected, now, kind="layer", layer=layer
+                )
+                self.violations.append(record)
+            record.threads, record.budget = finding.threads, finding.expected
+            record.diagnosis, record.layers = finding.hint(), [finding.as_dict()]
+            events.append(
+                LayerOversized(
+                    **job_facts(job),
+                    layer=layer,
+                    name=finding.name,
+                    layer_threads=finding.threads,
+                    processes=finding.processes,
+                    expected=finding.expected,
+                    fix=finding.fix,
+                    evidence=finding.evidence,
+                )
+            )
+        for layer in records.keys() - oversized.keys():
+            ended = records.pop(layer)
+            ended.ended, ended.ended_by = now, "resolved"
+        return events
+
+    def _layer_checks_due(self, now: float) -> list[Effect]:
+        """Evidence for each job within budget whose thread count reached a new high above
+        its cores, at most once per LAYER_CHECK_INTERVAL per job. O(jobs), no copies."""
+        due: list[Effect] = []
+        for job in self.jobs.values():
+            name = job.name
+            if (
+                job.violation.active
+                or job.threads > job.budget.threads  # an onset, if it comes, gathers
+                or name in self._checking
+                or name in self._withheld
+                or self._in_grace(job, now)
+            ):
+                continue
+            high, when = self._checked.get(name, (len(job.cpus), -LAYER_CHECK_INTERVAL))
+            if job.threads > high and now - when >= LAYER_CHECK_INTERVAL:
+                self._checked[name] = (job.threads, now)
+                self._checking.add(name)
+                due.append(GatherEvidence(name, self.view(job).pids))
+        return due
 
     def snapshot(self) -> Snapshot:
         """The whole table now, as frozen copies (oldest job first)."""
@@ -389,6 +485,7 @@ class JobTable:
             settings=job.settings,
             pools=job.registration.pools if job.registration else (),
             epochs=tuple(job.epochs),
+            parent=None if job.parent is None else job.parent.pid,
         )
 
     def view_of(self, pid: int) -> JobView | None:
@@ -404,30 +501,48 @@ class JobTable:
         self._exe_verdicts.clear()
         self._ignored.clear()
         self._reallocate = True
+        self._complete_next = True
 
-    def step(self, processes: Mapping[ProcKey, Observed], now: float) -> list[Event]:
+    def step(
+        self, processes: Mapping[ProcKey, Observed], now: float, complete: bool = True
+    ) -> list[Event]:
+        """One scan (`effects.Scan`). A partial one (not `complete`) holds the processes
+        the last `NextScan` watched: everything here costs as much as they do, not as the
+        host's processes; what it cannot see (processes in no job, forgotten when they
+        exit; children of a process that only now became a job) waits for the next
+        complete scan, which it asks for (`NextScan.complete`) when that matters."""
         events: list[Event] = []
         alive = processes.keys()
-        self._forget_gone_restart_data(alive)
+        if complete:
+            self._complete_next = False
+            self._forget_gone_restart_data(alive)
+            self._ignored &= alive
         if self._adopted:
             self._plan_adoption(processes)
-        self._ignored &= alive
         self._waiting &= alive
-        self._forget_execd(processes)
+        self._forget_execd(processes, complete)
         fresh_libraries = self._note_library_reads(processes, now)
-        for job in list(self.jobs.values()):
+        # youngest first: a sub-job ends before the job enclosing it is judged empty
+        for job in sorted(self.jobs.values(), key=lambda j: j.started_at, reverse=True):
+            if job.id not in self.jobs:
+                continue  # ended with its last sub-job
             for key in job.members - alive:
                 self._drop(job, key)
-            if not job.members:
+            if not job.members and not self._encloses_any(job):
                 events += self._end(job, now, "exited", live_pids=())
 
         if self._reallocate:
             events += self._reclassify_jobs(processes, now)
 
         events += self._enclose(processes, now)
-        known = self._ignored | self._waiting | self._member_of.keys()
+        waiting = set(self._waiting)
+        new = [
+            key
+            for key in processes
+            if key not in self._ignored and key not in waiting and key not in self._member_of
+        ]
         jobs_before = len(self.jobs)
-        for key in sorted(alive - known, key=lambda k: (k.start_ticks, k.pid)):
+        for key in sorted(new, key=_by_age):
             events += self._place_new(processes[key], now)
         if len(self.jobs) > jobs_before:  # new jobs: processes seen before may be below them
             events += self._enclose(processes, now)
@@ -435,18 +550,28 @@ class JobTable:
             self._kept = {key: kept for key, kept in self._kept.items() if key in self._waiting}
             self._not_kept = {k: why for k, why in self._not_kept.items() if k in self._waiting}
 
-        for key in self._waiting & known & fresh_libraries:
+        jobs_before = len(self.jobs)
+        for key in waiting & self._waiting & fresh_libraries:
             events += self._classify(processes[key], now)
+        if len(self.jobs) > jobs_before and not complete:
+            self._complete_next = True  # they may have children this scan did not read
+        self._sub_waiting &= self._member_of.keys()
+        for key in sorted(self._sub_waiting & fresh_libraries, key=_by_age):
+            job = self.jobs[self._member_of[key]]
+            rule = self._sub_rule(processes[key], job)
+            if rule is not None:
+                events += self._split(job, processes[key], rule, processes)
 
         for job in self.jobs.values():
             events += self._sample(job, processes, fresh_libraries, now)
 
         self.libraries_wanted = self._libraries_due(processes, now)
-        self._outside = {
-            key.pid: seen.sample.ppid
-            for key, seen in processes.items()
-            if key not in self._member_of
-        }
+        if complete:
+            self._outside = {
+                key.pid: seen.sample.ppid
+                for key, seen in processes.items()
+                if key not in self._member_of
+            }
         return events
 
     def admit(
@@ -460,8 +585,13 @@ class JobTable:
         exec path read them: when the last one's parent is in a job, all of them join it
         with the process (the /bin/sh of `os.system` between a job and its Python)."""
         key = process.key
-        if key in self._member_of:
-            return [], self.jobs[self._member_of[key]]  # a job's process runs a new program
+        if key in self._member_of:  # a job's process runs a new program
+            job = self.jobs[self._member_of[key]]
+            rule = None if key == job.id else self._sub_rule(process, job)
+            if rule is None:
+                return [], job
+            events = self._split(job, process, rule, {key: process})
+            return events, self.jobs[key]
         self._ignored.discard(key)
         self._waiting.discard(key)
         events = self._place_new(process, now, lineage)
@@ -532,17 +662,24 @@ class JobTable:
                     " most one user may; the process runs on as its rules say"
                 )
         owner = self._member_of.get(key)
-        if owner is not None and owner != key:
-            self._drop(self.jobs[owner], key)  # a worker of a job registering for itself
+        enclosing: ProcKey | None = None
+        if owner is not None and owner != key:  # a process of a job registering for itself
+            enclosing = owner
+            self._drop(self.jobs[owner], key)
+        elif owner is None and (found := self._enclosing(process.sample.ppid)) is not None:
+            enclosing = self._member_of[found]  # below a job, not read as its member yet
         self._ignored.discard(key)
         self._waiting.discard(key)
+        self._sub_waiting.discard(key)
         job = self.jobs.get(key)
         kind: type[JobStarted] = JobChanged
         if job is None:
             job = self._new_job(process, self._match(process) or self._registered_rule())
+            job.parent = enclosing  # its cores come out of that job's grant
             kind = JobStarted
+            self._complete_next = True  # it may have started processes before it registered
         job.registration = registration
-        return [self._place(job, kind)], job
+        return self._place_tree(job, kind), job
 
     def restore(self, registrations: Mapping[str, KeptRegistration]) -> None:
         """Registrations a previous daemon saved (job name -> registration): each is applied
@@ -618,13 +755,16 @@ class JobTable:
             return []
         job = self.jobs[self._member_of[key]]
         self._drop(job, key)
-        return [] if job.members else self._end(job, now, "exited", live_pids=())
+        if job.members or self._encloses_any(job):
+            return []
+        return self._end(job, now, "exited", live_pids=())
 
     def _place_new(
         self, process: Observed, now: float, lineage: Sequence[Sample] = ()
     ) -> list[Event]:
         """A descendant of a job's process joins that job, with the processes between
-        (`lineage`, nearest first); anything else is classified."""
+        (`lineage`, nearest first), or becomes its sub-job (`_take_in`); anything else is
+        classified."""
         top = lineage[-1].ppid if lineage else process.sample.ppid
         parent = self._enclosing(top)
         if parent is not None and process.key not in self._restored:
@@ -634,13 +774,81 @@ class JobTable:
                     self._ignored.discard(between.key)
                     self._waiting.discard(between.key)
                     self._join(job, between.key, OTHER)  # its exe unread: the next scan's
-            self._join(job, process.key, _kind(process))
-            return []
+            return self._take_in(job, process)
         fenced = self._fenced(process.identity)
         if fenced is not None and process.key not in self._restored:
-            self._join(fenced, process.key, _kind(process))
+            return self._take_in(fenced, process)
+        return self._classify(process, now)  # below a job with a saved registration: register
+
+    def _take_in(self, job: Job, process: Observed) -> list[Event]:
+        """`process`, below a process of `job`, joins `job`, or becomes a sub-job of it
+        when a sub-job rule takes it (`_sub_rule`)."""
+        rule = self._sub_rule(process, job)
+        if rule is None:
+            self._join(job, process.key, _kind(process))
             return []
-        return self._classify(process, now)  # a job's child that registered: a job of its own
+        return self._split(job, process, rule, {process.key: process})
+
+    def _sub_rule(self, process: Observed, job: Job) -> Rule | None:
+        """The sub-job rule that takes `process` (below a process of `job`) out of `job`:
+        the first rule that matches it, when that rule is a sub-job rule other than `job`'s
+        own (a trial's processes stay in the trial: its forked workers match as it does).
+        While a `loads` ahead may still change the answer, it is asked again when the
+        process's libraries are read. Matching costs what classifying costs: only without
+        sub-job rules is it skipped."""
+        if not any(rule.sub_job for rule in self.policy.rules):
+            return None
+        found = classify(process, self.policy.rules, self.daemon_pid)
+        if found.waiting_on_libraries:
+            self._sub_waiting.add(process.key)
+        else:
+            self._sub_waiting.discard(process.key)
+        rule = found.rule
+        if rule is None or not rule.sub_job or rule == job.rule:
+            return None
+        self._sub_waiting.discard(process.key)
+        return rule
+
+    def _split(
+        self,
+        job: Job,
+        process: Observed,
+        rule: Rule,
+        processes: Mapping[ProcKey, Observed],
+    ) -> list[Event]:
+        """`process` (a new process below `job`, or a member of it) becomes a sub-job of
+        `job` under `rule`, with the members of `job` below it (by `processes`' parent
+        links), its cores carved out of `job`'s grant."""
+        below = {process.key}
+        if process.key in job.members:
+            children: dict[int, list[ProcKey]] = {}
+            for key in job.members:
+                if key in processes and key != job.id:
+                    children.setdefault(processes[key].sample.ppid, []).append(key)
+            todo = [process.key.pid]
+            while todo:
+                for key in children.pop(todo.pop(), ()):
+                    below.add(key)
+                    todo.append(key.pid)
+        kinds = {key: job.kinds.get(key, OTHER) for key in below}
+        for key in below & job.members:
+            self._drop(job, key)
+        sub = self._new_job(process, rule)
+        sub.parent = job.id
+        for key in below - {process.key}:
+            self._join(sub, key, kinds[key])
+        return [self._place(sub, JobStarted)]
+
+    def _encloses_any(self, job: Job) -> bool:
+        """Whether `job` has a sub-job. O(jobs): asked only of a job without members."""
+        return any(other.parent == job.id for other in self.jobs.values())
+
+    def _sub_jobs(self, job: Job) -> list[Job]:
+        """The sub-jobs `job` encloses directly, oldest first."""
+        return sorted(
+            (other for other in self.jobs.values() if other.parent == job.id),
+            key=lambda other: other.started_at,
+        )
 
     def _enclosing(self, pid: int) -> ProcKey | None:
         """The job's process that `pid` is, or descends from as the last scan's parent
@@ -675,6 +883,7 @@ class JobTable:
         for key, seen in processes.items():
             if key not in self._member_of and key not in self._restored:
                 children.setdefault(seen.sample.ppid, []).append(key)
+        self._follow_parents(processes)
         todo = [pid for pid in self._member_pids if pid in children]
         while todo:
             pid = todo.pop()
@@ -682,7 +891,7 @@ class JobTable:
             for key in children.pop(pid, ()):
                 self._ignored.discard(key)
                 self._waiting.discard(key)
-                self._join(job, key, _kind(processes[key]))
+                events += self._take_in(job, processes[key])
                 todo.append(key.pid)
         for kids in children.values():  # what is left, in no job: fenced by one of ours?
             for key in kids:
@@ -690,20 +899,52 @@ class JobTable:
                 if fenced is not None:
                     self._ignored.discard(key)
                     self._waiting.discard(key)
-                    self._join(fenced, key, _kind(processes[key]))
+                    events += self._take_in(fenced, processes[key])
         for job in sorted(self.jobs.values(), key=lambda j: j.started_at):
             root = processes.get(job.id)
-            if root is None or job.registration is not None or job.id not in self.jobs:
+            if root is None or job.id not in self.jobs:
                 continue
             parent = self._member_pids.get(root.sample.ppid)
             into = None if parent is None else self.jobs[self._member_of[parent]]
-            if into is not None and into is not job:
+            if into is None or into is job or job.parent == into.id or self._within(into, job):
+                continue
+            if job.registration is not None or (job.rule.sub_job and job.rule != into.rule):
+                job.parent = into.id  # registered, or a sub-job rule's: a sub-job of `into`
+                events += self._place_tree(job, JobChanged)
+            else:
                 events += self._absorb(job, into, now)
         return events
 
-    def _absorb(self, job: Job, into: Job, now: float) -> list[Event]:
-        """`job`'s root is a descendant of `into`'s process (it became a job before its
-        ancestor did): every member of `job` joins `into`, and `job` ends."""
+    def _follow_parents(self, processes: Mapping[ProcKey, Observed]) -> None:
+        """A member whose parent is in a sub-job of the member's job moves into that
+        sub-job: it was a member before its parent became a sub-job (registered, or a
+        sub-job rule took it). Only while there are sub-jobs: O(members)."""
+        if all(job.parent is None for job in self.jobs.values()):
+            return
+        for job in sorted(self.jobs.values(), key=lambda j: j.started_at):
+            for key in sorted(job.members - {job.id}, key=_by_age):  # parents first
+                seen = processes.get(key)
+                parent = None if seen is None else self._member_pids.get(seen.sample.ppid)
+                into = None if parent is None else self.jobs[self._member_of[parent]]
+                if into is not None and into is not job and self._within(into, job):
+                    kind = job.kinds.get(key, OTHER)
+                    self._drop(job, key)
+                    self._join(into, key, kind)
+
+    def _within(self, job: Job, outer: Job) -> bool:
+        """Whether `job` is `outer` or one of its sub-jobs, at any depth."""
+        seen: Job | None = job
+        while seen is not None:
+            if seen is outer:
+                return True
+            seen = None if seen.parent is None else self.jobs.get(seen.parent)
+        return False
+
+    def _absorb(self, job: Job, into: Job, now: float, reason: str = "") -> list[Event]:
+        """Every member of `job` joins `into`, and `job` ends: `job`'s root is a
+        descendant of `into`'s process (it became a job before its ancestor did), or a
+        sub-job of `into` that no rule makes a sub-job any more. Its sub-jobs become
+        `into`'s, placed within `into`'s grant."""
         self._foreseen = None
         for key in job.members:
             self._member_of[key] = into.id
@@ -711,11 +952,14 @@ class JobTable:
             into.kinds[key] = job.kinds.get(key, OTHER)
         del self.jobs[job.id]
         self._waiting.discard(job.id)
-        reason = f"its process descends from job {into.pid}'s: joined that job"
+        reason = reason or f"its process descends from job {into.pid}'s: joined that job"
         events: list[Event] = []
         if job.record is not None:
             events.append(self._close_with_job(job, now, reason))
         events.append(JobEnded(**job_facts(job), job=job.name, reason=reason, live_pids=()))
+        for sub in self._sub_jobs(job):
+            sub.parent = into.id
+            events += self._place_tree(sub, JobChanged)
         return events
 
     def _forget_gone_restart_data(self, alive: Iterable[ProcKey]) -> None:
@@ -736,15 +980,15 @@ class JobTable:
         holdings = self._holdings(None)
         kept_cores: set[int] = set()  # of the grants kept: shared before, if shared
         in_jobs = set(self._member_pids)
-        for key in sorted(adopted, key=lambda k: (k.start_ticks, k.pid)):
+        for key in sorted(adopted, key=_by_age):
             process, held = processes[key], adopted[key]
             restored = self._restored.get(key)
             registration = None
             if restored is not None and restored.uid == process.identity.uid:
                 registration = restored.registration
-            if registration is None and process.sample.ppid in in_jobs:
+            if process.sample.ppid in in_jobs:
                 in_jobs.add(key.pid)
-                continue  # it will join its parent's job
+                continue  # it will join its parent's job, or be placed afresh as its sub-job
             rule = self._rule_at_restart(process)
             if rule is None and registration is not None:
                 rule = self._registered_rule()
@@ -779,9 +1023,11 @@ class JobTable:
         libraries = loaded | (process.libraries or frozenset())
         return classify_identity(process.identity, libraries, self.policy.rules).rule
 
-    def _forget_execd(self, processes: Mapping[ProcKey, Observed]) -> None:
+    def _forget_execd(self, processes: Mapping[ProcKey, Observed], complete: bool) -> None:
         """Processes that exec'd since they were classified are classified again."""
-        for key in list(self._exec_marks):
+        for key in list(self._exec_marks if complete else processes):
+            if key not in self._exec_marks:
+                continue
             observed = processes.get(key)
             if observed is None:
                 del self._exec_marks[key]
@@ -859,7 +1105,7 @@ class JobTable:
         self._note_libraries(job, process)
         if found != job.rule:
             job.rule = found
-            return [self._place(job, JobChanged)]
+            return self._place_tree(job, JobChanged)
         return []
 
     def _new_job(self, process: Observed, rule: Rule) -> Job:
@@ -895,16 +1141,35 @@ class JobTable:
         return found.rule
 
     def _reclassify_jobs(self, processes: Mapping[ProcKey, Observed], now: float) -> list[Event]:
-        """After a reload: rules, caps and reserved CPUs may all have changed."""
+        """After a reload: rules, caps and reserved CPUs may all have changed. A sub-job
+        whose rule makes no sub-job any more joins its enclosing job; a member that a
+        sub-job rule takes now becomes a sub-job."""
         self._reallocate = False
         events: list[Event] = []
-        for job in list(self.jobs.values()):
+        for job in sorted(self.jobs.values(), key=lambda j: j.started_at):  # enclosing first
+            if job.id not in self.jobs:
+                continue
             root = processes.get(job.id)
             found = self._rule_for(root, job) if root is not None else job.rule
-            if found is None:
+            parent = None if job.parent is None else self.jobs.get(job.parent)
+            if (
+                parent is not None
+                and job.registration is None
+                and (found is None or not found.sub_job or found == parent.rule)
+            ):
+                why = f"no rule makes it a sub-job any more: joined job {parent.pid}"
+                events += self._absorb(job, parent, now, why)
+            elif found is None:
                 events += self._end(job, now, "no rule matches any more", tuple(self._pids(job)))
             else:
                 job.rule = found
+        for job in sorted(self.jobs.values(), key=lambda j: j.started_at):
+            for key in sorted(job.members - {job.id}, key=_by_age):
+                seen = processes.get(key)
+                if key in job.members and seen is not None:
+                    rule = self._sub_rule(seen, job)
+                    if rule is not None:
+                        events += self._split(job, seen, rule, processes)
         previous = {job.id: (job.rule, job.cpus, job.budget) for job in self.jobs.values()}
         for job in self.jobs.values():
             job.cpus = frozenset()  # every job is placed afresh, oldest first
@@ -914,9 +1179,73 @@ class JobTable:
                 events.append(placed)
         return events
 
+    def _place_tree(self, job: Job, event: type[JobStarted]) -> list[Event]:
+        """`_place` `job`; when its cores changed, its sub-jobs are placed again within
+        them (a `JobChanged` for each whose grant or budget changed)."""
+        before = job.cpus
+        events: list[Event] = [self._place(job, event)]
+        if job.cpus == before:
+            return events
+        subs = self._sub_jobs(job)
+        previous = {sub.id: (sub.cpus, sub.budget) for sub in subs}
+        for sub in subs:
+            sub.cpus = frozenset()  # all of them afresh, oldest first
+        for sub in subs:
+            placed = self._place_tree(sub, JobChanged)
+            if previous[sub.id] != (sub.cpus, sub.budget):
+                events += placed
+        return events
+
     def _place(self, job: Job, event: type[JobStarted]) -> JobStarted:
         """Allocate cores and set the budget for `job` as its rule now says."""
         self._foreseen = None
+        parent = None if job.parent is None else self.jobs.get(job.parent)
+        if parent is not None:
+            self._grant_within(job, parent)
+        else:
+            job.parent = None
+            self._grant(job)
+        if job.registration is not None:
+            job.settings = resolve(job.registration.declaration, len(job.cpus))
+            job.notes += job.settings.oversubscribed()
+        self._set_budget(job)
+        return event(
+            **job_facts(job),
+            budget_basis=job.budget.basis,
+            notes=job.notes,
+            enforced=self.enforcing,
+        )
+
+    def _grant_within(self, job: Job, parent: Job) -> None:
+        """A sub-job's cores: out of its enclosing job's grant, apart from its other
+        sub-jobs' while there are enough (then the least loaded of them), and within its
+        cpuset. No user cap applies: the enclosing job's grant already counts."""
+        requested, notes = self._requested(job.rule, job.registration)
+        siblings = [
+            Holding(other.user, other.cpus)
+            for other in self.jobs.values()
+            if other.parent == parent.id and other is not job and other.cpus
+        ]
+        carved = f"a sub-job of job {parent.pid}: its CPUs are carved out of that job's"
+        try:
+            grant = allocate(
+                requested,
+                job.user,
+                parent.cpus,
+                siblings,
+                None,
+                topology=self.topology,
+                allowed=job.cpuset,
+            )
+            job.cpus, job.notes = grant.cpus, (f"{carved} ({format_cpulist(parent.cpus)})",)
+            job.notes += notes + grant.notes
+        except ValueError as err:  # its cpuset and that grant have no CPU in common
+            job.cpus = parent.cpus
+            job.notes = (*notes, f"{carved}, but {err}: given that job's CPUs")
+
+    def _grant(self, job: Job) -> None:
+        """A top-level job's cores: as its rule (or registration) asks, within its user's
+        cap and cpuset; kept from before a restart when still allowed."""
         kept = self._kept.pop(job.id, None)
         holdings = self._holdings(job)
         limits = self.policy.users.get(job.user)
@@ -956,16 +1285,6 @@ class JobTable:
         except ValueError as err:  # its outer cpuset holds only CPUs reserved here
             assert job.cpuset is not None
             job.cpus, job.notes = job.cpuset, (*notes, f"{err}: left in its own cpuset")
-        if job.registration is not None:
-            job.settings = resolve(job.registration.declaration, len(job.cpus))
-            job.notes += job.settings.oversubscribed()
-        self._set_budget(job)
-        return event(
-            **job_facts(job),
-            budget_basis=job.budget.basis,
-            notes=job.notes,
-            enforced=self.enforcing,
-        )
 
     def _requested(
         self, rule: Rule, registration: Registration | None
@@ -979,12 +1298,13 @@ class JobTable:
         return asked, ()
 
     def _holdings(self, job: Job | None) -> list[Holding]:
-        """The cores held, but for `job`'s own: by jobs, and by the grants jobs keep across
-        a restart that are not placed yet (so new jobs get the free cores)."""
+        """The cores held, but for `job`'s own: by top-level jobs (a sub-job's are its
+        enclosing job's), and by the grants jobs keep across a restart that are not placed
+        yet (so new jobs get the free cores)."""
         holdings = [
             Holding(other.user, other.cpus)
             for other in self.jobs.values()
-            if other is not job and other.cpus
+            if other is not job and other.cpus and other.parent is None
         ]
         holdings += [kept for key, kept in self._kept.items() if job is None or key != job.id]
         return holdings
@@ -1029,6 +1349,10 @@ class JobTable:
             del self._member_pids[key.pid]
 
     def _end(self, job: Job, now: float, reason: str, live_pids: tuple[int, ...]) -> list[Event]:
+        """`job` ends (`reason`). Its sub-jobs, if any still run, go to the job enclosing
+        it, or become top-level jobs (placed afresh: a sub-job rule outside every job makes
+        a job like any rule). A sub-job's enclosing job that is left without processes and
+        sub-jobs ends too."""
         self._foreseen = None
         for key in job.members:
             self._leave(key)
@@ -1037,7 +1361,15 @@ class JobTable:
         events: list[Event] = []
         if job.record is not None:  # its violation ends with it: not "back within budget"
             events.append(self._close_with_job(job, now, reason))
+        for record in self._layer_records.pop(job.name, {}).values():
+            record.ended, record.ended_by = now, "exited" if reason == "exited" else "released"
         events.append(JobEnded(**job_facts(job), job=job.name, reason=reason, live_pids=live_pids))
+        for sub in self._sub_jobs(job):
+            sub.parent = job.parent
+            events += self._place_tree(sub, JobChanged)
+        outer = None if job.parent is None else self.jobs.get(job.parent)
+        if outer is not None and not outer.members and not self._encloses_any(outer):
+            events += self._end(outer, now, "exited", live_pids=())
         return events
 
     def _resolve(self, job: Job, now: float) -> ViolationEnded:
@@ -1146,6 +1478,11 @@ def _members(job: Job) -> tuple[Member, ...]:
             share = member_budget(kind, len(job.cpus))
         rows.append(Member(key.pid, kind, job.member_threads.get(key, 0), share))
     return tuple(rows)
+
+
+def _by_age(key: ProcKey) -> tuple[int, int]:
+    """Oldest process first (parents before their children)."""
+    return key.start_ticks, key.pid
 
 
 def _kind(process: Observed) -> str:

@@ -63,7 +63,28 @@ def _parser() -> argparse.ArgumentParser:
 
     reload = commands.add_parser("reload", help="make corecapd re-read its policy (root)")
     reload.set_defaults(run=_reload)
+
+    top = commands.add_parser("top", help="a live view of the CPUs and the jobs, like htop")
+    top.add_argument(
+        "--interval",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between refreshes, 0.1 to 3600 (default: 2)",
+    )
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(run=_top)
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0.1 <= seconds <= 3600:  # nan too
+        raise argparse.ArgumentTypeError(f"expected seconds from 0.1 to 3600, found {text!r}")
+    return seconds
 
 
 def _socket(args: argparse.Namespace) -> Path:
@@ -97,6 +118,23 @@ def _explain(args: argparse.Namespace) -> int:
     report = call(_socket(args), "explain", pid=args.pid)
     print(json.dumps(report, indent=2) if args.json else format_explanation(report))
     return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    """The live screen (corecapd.top) on a terminal; the `status` table when the output
+    is not one (a pipe, a file), with or without --once."""
+    socket_path = _socket(args)
+    if not sys.stdout.isatty():
+        print(format_status(call(socket_path, "status")))
+        return 0
+    from corecapd import top  # rich: loaded for this command alone
+
+    return top.run(
+        lambda: call(socket_path, "status"),
+        lambda pid: call(socket_path, "explain", pid=pid),
+        args.interval,
+        args.once,
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -145,19 +183,41 @@ def format_status(document: dict[str, Any]) -> str:
         [
             str(job["pid"]),
             job["user"],
-            job["rule"],
+            ("    " * (depth - 1) + " \\_ " if depth else "") + job["rule"],  # as ps f
             format_cpulist(job["cpus"]),
             f"{job['threads']}/{job['budget']}",
             f"{job['cpu_percent']:.1f}",
             job["state"],
             _age(job["age"]),
         ]
-        for job in document["jobs"]
+        for depth, job in _nested(document["jobs"])
     ]
     header = ["PID", "USER", "RULE", "CPUS", "THREADS/BUDGET", "CPU%", "STATE", "AGE"]
     if rows:
         lines += ["", *_table(header, rows)]
     return "\n".join(lines)
+
+
+def _nested(jobs: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """`jobs` (a status reply's) with each sub-job right under its enclosing job, and its
+    depth (0: a top-level job); a sub-job whose job is not in the reply (or a loop of
+    parents, which a reply should never hold) counts as top-level."""
+    pids = {job["pid"] for job in jobs}
+    below: dict[int, list[dict[str, Any]]] = {}
+    for job in jobs:
+        if job.get("parent") in pids:
+            below.setdefault(job["parent"], []).append(job)
+    ordered: list[tuple[int, dict[str, Any]]] = []
+    todo = [(0, job) for job in reversed(jobs) if job.get("parent") not in pids]
+    while todo or len(ordered) < len(jobs):
+        if not todo:  # a loop: its oldest job as if top-level
+            shown = {id(job) for _, job in ordered}
+            todo = [(0, next(job for job in jobs if id(job) not in shown))]
+            below.pop(todo[0][1]["pid"], None)
+        depth, job = todo.pop()
+        ordered.append((depth, job))
+        todo += [(depth + 1, sub) for sub in reversed(below.pop(job["pid"], []))]
+    return ordered
 
 
 def format_explanation(report: dict[str, Any]) -> str:
@@ -187,12 +247,36 @@ def format_explanation(report: dict[str, Any]) -> str:
             or "no threading variables"
         ),
     ]
+    lines += _layers(report)
     if report["epochs"]:
         epochs = ", ".join(f"{e['epoch']}: {e['threads']}" for e in report["epochs"])
         lines.append(f"threads per epoch: {epochs}")
     lines.append("diagnosis:")
     lines += [f"  - {hint}" for hint in report["hints"]] or ["  no single layer stands out"]
     return "\n".join(lines)
+
+
+def _layers(report: dict[str, Any]) -> list[str]:
+    """The job's threads by layer, over all of its processes: each layer's threads, what
+    the grant allows it (checked layers), one thread's evidence, and the fix when it is
+    wider; then the CPU mask and quota."""
+    layers = report.get("layers", [])
+    lines = ["threads by layer (over all processes):"] if layers else []
+    for layer in layers:
+        allowed = "" if layer["expected"] is None else f" of {layer['expected']} for the grant"
+        where = f" in {layer['processes']} processes" if layer["processes"] > 1 else ""
+        state = ": OVERSIZED" if layer["oversized"] else ""
+        lines.append(f"  {layer['name']}: {layer['threads']}{allowed}{where}{state}")
+        lines.append(f"      evidence: {layer['evidence']}")
+        if layer["fix"]:
+            lines.append(f"      fix: {layer['fix']}")
+    quota = report.get("quota")
+    if quota is not None:
+        lines.append(
+            f"CPU quota: {quota['cpus']:g} CPUs ({quota['source']}); CPU mask:"
+            f" {report['mask_cpus']} CPUs"
+        )
+    return lines
 
 
 def _members(members: list[dict[str, Any]]) -> list[str]:
@@ -218,10 +302,13 @@ def format_violations(records: list[dict[str, Any]]) -> str:
             str(r["budget"]),
             _clock(r["started"]),
             _ended(r),
+            r.get("layer") or "threads",
         ]
         for r in records
     ]
-    return "\n".join(_table(["PID", "RULE", "PEAK", "BUDGET", "STARTED", "ENDED"], rows))
+    # WHAT: "threads" (the job's total over budget) or the layer wider than its allowance
+    header = ["PID", "RULE", "PEAK", "BUDGET", "STARTED", "ENDED", "WHAT"]
+    return "\n".join(_table(header, rows))
 
 
 def _ended(record: dict[str, Any]) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
+import math
 import os
 import signal
 import sys
@@ -21,12 +23,13 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from corecapd import __version__
+from corecapd.attribution import Attributor, StackAttributor
 from corecapd.core import JobTable, Refused
 from corecapd.declaration import Registration
-from corecapd.diagnosis import THREADING_VARIABLES, Diagnosis, Evidence, diagnose
+from corecapd.diagnosis import THREADING_VARIABLES, Diagnosis, Evidence, ThreadLayer, diagnose
 from corecapd.effects import (
     Adopt,
     Confine,
@@ -40,9 +43,9 @@ from corecapd.effects import (
     GatherEvidence,
     Input,
     JobView,
+    NextScan,
     Pin,
     Prepare,
-    ReadLibraries,
     Register,
     Release,
     ReplacePolicy,
@@ -59,6 +62,7 @@ from corecapd.events import (
     ExecEventsLost,
     ExecEventsUnavailable,
     FenceFailed,
+    MetricsUnavailable,
     PolicyRejected,
     PolicyReloaded,
     StateProblem,
@@ -68,9 +72,10 @@ from corecapd.model import KeptRegistration, Observed, ProcKey, Sample
 from corecapd.policy import DEFAULT_POLICY_PATH, Policy, PolicyError, load_policy
 from corecapd.preflight import check_host, check_policy_file
 from corecapd.printable import visible, visible_lines
-from corecapd.proc_events import EventsLost, ProcEvent, ProcEventSocket
+from corecapd.proc_events import EXEC, FORK, EventsLost, ProcEvent, ProcEventSocket
 from corecapd.procfs import ProcessGone, Scanner
 from corecapd.protocol import CommandFailed, Request
+from corecapd.quota import cpu_quota
 from corecapd.server import Peer, SocketServer
 from corecapd.state import STATE_FILE, StateError, load_state, save_state
 from corecapd.status import (
@@ -81,14 +86,28 @@ from corecapd.status import (
     violations_document,
 )
 
+if TYPE_CHECKING:
+    from corecapd.metrics import Metrics, Reading
+
 # Policy keys that only a restart applies: the socket, the backend and the event source.
-RESTART_ONLY = ("socket", "backend", "exec_events", "realtime_priority", "cgroup", "state_dir")
+RESTART_ONLY = (
+    "socket",
+    "backend",
+    "exec_events",
+    "realtime_priority",
+    "cgroup",
+    "state_dir",
+    "metrics",
+)
 LATENCY_SAMPLES = 10_000
 GIL_SWITCH_INTERVAL = 0.0001  # seconds; Python's default of 5 ms would dwarf the exec path
 EVENT_DATAGRAMS_PER_WAKE = 4096
 # Ancestors the exec path reads at most to find a Python process's job: shells, env,
 # timeout, nohup and wrappers between a job and its Python are a handful, not dozens.
 MAX_ANCESTRY = 32
+# Reads of a job's fork: one that exec'd meanwhile is read again (its exec event may pass it
+# by: an exe no rule names is not looked at, and scans read only what they watch).
+FORK_READS = 3
 
 
 class StartupError(Exception):
@@ -143,6 +162,7 @@ class Daemon:
         table: JobTable,
         reporter: Reporter,
         exec_events: ProcEventSocket | str,
+        attributor: Attributor,
     ) -> None:
         self.policy = policy
         self.policy_path = policy_path
@@ -157,12 +177,20 @@ class Daemon:
         self.reporter = reporter  # sd_notify, and the first of the sinks
         self.sinks: list[Sink] = [reporter]
         self.exec_events = exec_events  # the subscription, or why there is none
+        # Each thread's layer, for a diagnosis: one for the daemon's life (its symbol cache)
+        self.attributor = attributor
         self.server = SocketServer(Path(policy.daemon.socket), self.handle)
         self.exec_latency_us: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.scan_seconds: deque[float] = deque(maxlen=LATENCY_SAMPLES)  # wall time per scan
+        self.metrics: Metrics | None = None  # daemon.metrics: also one of the sinks
         self.events_lost = 0
         self.execs_during_scans = 0
         self._changed_meanwhile: set[int] | None = None  # while a scan runs: PIDs events changed
-        self._libraries_wanted: frozenset[ProcKey] = frozenset()  # by the core, for the next scan
+        # What the next scan reads, as the core asked; the first is complete
+        self._plan = NextScan(frozenset(), complete=True)
+        self._reconciled_at = -math.inf  # time.monotonic() of the last complete scan
+        self.complete_scans = 0
+        self.partial_scans = 0
         self._stop = asyncio.Event()
         self._stop_reason = "an error in the main loop"  # until stop() says otherwise
         self._wake = asyncio.Event()
@@ -178,6 +206,8 @@ class Daemon:
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(stop_signal, self.stop, stop_signal.name)
         await self.server.start()
+        if self.metrics is not None:
+            self._serve_metrics(loop)
         self._emit(
             DaemonStarted(
                 policy=self.policy.source,
@@ -221,6 +251,8 @@ class Daemon:
                 loop.remove_reader(self.exec_events.fileno())
                 self.exec_events.close()
             await self.server.stop()
+            if self.metrics is not None:  # off the loop: a scrape may wait for a reading
+                await asyncio.to_thread(self.metrics.stop)
             if self.fences is not None:
                 self.fences.close()
 
@@ -230,15 +262,27 @@ class Daemon:
         self._wake.set()
 
     def scan(self) -> None:
-        """Reconcile with all of /proc: new and gone processes, threads, drift."""
-        self._next_scan = time.monotonic() + self.policy.daemon.scan_interval
+        """Sample the jobs' processes (threads, CPU time, masks), and with exec, fork and
+        exit events on, only them and the processes waiting on their libraries: the
+        events say what else is new or gone. All of /proc is read (new and gone
+        processes, drift) without events, at the reconcile interval, after lost events,
+        and when the core asks (`NextScan.complete`)."""
+        started = time.monotonic()
+        daemon = self.policy.daemon
+        self._next_scan = started + daemon.scan_interval
         now = time.time()
         # Exec events that come in while a scan reads /proc (tens of ms with thousands of
         # processes) are handled at once, as between scans; `_folded_in` reconciles.
         events_on = isinstance(self.exec_events, ProcEventSocket)
+        complete = (
+            not events_on
+            or self._plan.complete
+            or started - self._reconciled_at >= daemon.reconcile_interval
+        )
         self._changed_meanwhile = set()
         try:
-            scanning = self.scanner.scanning(self._libraries_wanted)
+            watched = None if complete else self.table.watched()
+            scanning = self.scanner.scanning(self._plan.libraries, watched)
             while True:
                 try:
                     next(scanning)
@@ -249,8 +293,14 @@ class Daemon:
                     self._on_exec_events()
         finally:
             changed, self._changed_meanwhile = self._changed_meanwhile, None
-        self._apply(Scan(self._folded_in(processes, changed)), now)
+        if complete:
+            self._reconciled_at = started
+            self.complete_scans += 1
+        else:
+            self.partial_scans += 1
+        self._apply(Scan(self._folded_in(processes, changed), complete), now)
         self._apply(Escapes(self.affinity.take_escapes()), now)
+        self.scan_seconds.append(time.monotonic() - started)
         self.reporter.notify(self._status_line())
         self._apply(Prepare(), now)
 
@@ -289,8 +339,8 @@ class Daemon:
                     self.affinity.release(job, pids)
                     if self.fences is not None:
                         self.fences.release(job, pids)
-                case ReadLibraries(keys):
-                    self._libraries_wanted = keys
+                case NextScan():
+                    self._plan = effect
                 case GatherEvidence(job, pids):
                     self._apply(EvidenceRead(job, self._evidence(pids)), now)
                 case SaveState(registrations):
@@ -306,9 +356,7 @@ class Daemon:
         if not changed:
             return processes
         folded = {key: seen for key, seen in processes.items() if key.pid not in changed}
-        for pid in changed:
-            if not self.table.is_member(pid):
-                continue
+        for pid in changed:  # read again: a partial scan sees nothing it does not watch
             with contextlib.suppress(ProcessGone, PermissionError):
                 if (seen := self.scanner.observe(pid)) is not None:
                     folded[seen.key] = seen
@@ -329,8 +377,12 @@ class Daemon:
             if events is None:
                 break
             for event in events:
-                if event.exec:
+                if event.kind is EXEC:
                     self._admit(event)
+                    continue
+                if event.kind is FORK:
+                    if self.table.is_member(event.parent):  # else: it matters once it execs
+                        self._forked(event.pid)
                     continue
                 if self.table.is_member(event.pid) and self.scanner.procfs.lives_on(event.pid):
                     continue  # only its leader thread exited; scans see the process's end
@@ -339,7 +391,23 @@ class Daemon:
                 self._apply(Exit(event.pid), time.time())
         self._apply(Prepare(), time.time())  # the next exec's grant, worked out while nothing waits
 
+    def _forked(self, pid: int) -> None:
+        """A job's process started another without an exec (a multiprocessing or
+        DataLoader worker): it joins the job now, so partial scans sample it. It runs
+        confined already: the mask and the fence are inherited at fork."""
+        if self._changed_meanwhile is not None:
+            self._changed_meanwhile.add(pid)
+        for _ in range(FORK_READS):  # None: it exec'd while read (`subprocess`: at once)
+            try:
+                process = self.scanner.observe(pid)
+            except (ProcessGone, PermissionError):
+                return
+            if process is not None:
+                self._apply(ExecStat(process, ()), time.time())
+                return
+
     def _rescan(self) -> None:
+        self._plan = dataclasses.replace(self._plan, complete=True)
         if self._changed_meanwhile is None:
             self.scan()
         else:  # the running scan may have listed /proc before the lost execs: one more
@@ -408,6 +476,28 @@ class Daemon:
         for sink in self.sinks:
             sink.emit(event)
 
+    def _serve_metrics(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the metrics server, on the socket systemd handed over if there is one; a
+        failure is reported and the daemon goes on confining without metrics."""
+        assert self.metrics is not None
+        try:
+            self.metrics.start(loop, self._metrics_reading, self.reporter.inherited_sockets())
+        except OSError as err:
+            self._emit(MetricsUnavailable(address=self.metrics.address, reason=str(err)))
+            self.sinks.remove(self.metrics)
+            self.metrics = None
+
+    def _metrics_reading(self) -> Reading:
+        """What a scrape shows; on the loop's thread (metrics.py says why)."""
+        from corecapd.metrics import Reading
+
+        return Reading(
+            snapshot=self.table.snapshot(),
+            exec_latencies_us=self.exec_latency_us,
+            scan_seconds=self.scan_seconds,
+            exec_events=isinstance(self.exec_events, ProcEventSocket),
+        )
+
     def _fence_failed(self, job: str, error: str) -> None:
         if (job, error) not in self._fence_errors:
             self._fence_errors.add((job, error))
@@ -467,7 +557,13 @@ class Daemon:
         except Exception as err:  # a flaw in applying it: back to the policy in force
             self._apply_policy(in_force)
             self._reject([f"{self.policy_path}: cannot be applied: {type(err).__name__}: {err}"])
-        self._emit(PolicyReloaded(policy=policy.source, rules=len(policy.rules)))
+        self._emit(
+            PolicyReloaded(
+                policy=policy.source,
+                rules=len(policy.rules),
+                restart_needed=tuple(f"daemon.{key}" for key in restart_only),
+            )
+        )
         self.scan()
         if restart_only:
             return f"reloaded; daemon.{', daemon.'.join(restart_only)} take effect at restart"
@@ -585,31 +681,44 @@ class Daemon:
         return diagnose(job.diagnosis_facts(), self._evidence(job.pids))
 
     def _evidence(self, pids: Sequence[int]) -> Evidence:
-        """What a job's processes (`pids`, root first) show now: thread names, threading
-        variables (the root's win) and the root's name."""
+        """What a job's processes (`pids`, root first) show now: every thread attributed to
+        its layer, their names, the threading variables (the root's win), and the root's
+        CPU mask and CPU quota. For `explain`, a violation's onset and a layer check only:
+        a TF process costs 7-11 ms of CPU, 13-35 ms the first time (docs/diagnosis.md)."""
+        procfs = self.scanner.procfs
         names: Counter[str] = Counter()
         environment: dict[str, str] = {}
+        threads: list[ThreadLayer] = []
         for pid in pids:
             with contextlib.suppress(ProcessGone, PermissionError):
-                names += self.scanner.procfs.thread_names(pid)
-                found = self.scanner.procfs.environment(pid, THREADING_VARIABLES)
-                environment = found | environment
-        try:
-            process_name = self.scanner.procfs.comm(pids[0]) if pids else ""
-        except (ProcessGone, PermissionError):
-            process_name = ""
-        return Evidence(names, environment, process_name)
+                found = self.attributor.attribute(pid)
+                names.update(thread.comm for thread in found.threads)
+                threads += [
+                    ThreadLayer(pid, t.tid, t.comm, t.layer.value, t.runtime, t.library, t.evidence)
+                    for t in found.threads
+                ]
+            with contextlib.suppress(ProcessGone, PermissionError):
+                environment = procfs.environment(pid, THREADING_VARIABLES) | environment
+        mask, quota = 0, None
+        if pids:
+            with contextlib.suppress(OSError):  # ProcessLookupError: the root exited
+                mask = len(os.sched_getaffinity(pids[0]))
+            with contextlib.suppress(ProcessGone, PermissionError):
+                quota = cpu_quota(pids[0], procfs.root, procfs.cgroup_root)
+        return Evidence(names, environment, tuple(threads), mask, quota)
 
     def _exec_events_state(self) -> dict[str, Any]:
         if not isinstance(self.exec_events, ProcEventSocket):
             source = f"none, scanning only: {self.exec_events}"
         else:
-            source = "netlink" + (", exec and exit only" if self.exec_events.filtered else "")
+            source = "netlink: exec, and fork and exit of processes"
         return {
             "backend_reason": self.backend_reason,
             "exec_events": source,
             "exec_events_lost": self.events_lost,
             "exec_events_during_scans": self.execs_during_scans,
+            # all of /proc read, and only what the core watches (events told the rest)
+            "scans": {"complete": self.complete_scans, "partial": self.partial_scans},
             # exec event (kernel timestamp) -> all the process's threads confined
             "exec_confine_us": latency_summary(self.exec_latency_us),
         }
@@ -658,7 +767,14 @@ def build(config: Path) -> Daemon:
         table,
         Reporter(under_journal()),
         _subscribe(policy),
+        StackAttributor(procfs.root),
     )
+    if policy.daemon.metrics:
+        # Here, not with the daemon: prometheus_client adds 12 MB to its RSS (of 36).
+        from corecapd.metrics import Metrics
+
+        daemon.metrics = Metrics(policy.daemon.metrics, __version__, procfs)
+        daemon.sinks.append(daemon.metrics)
     try:
         table.handle(Restore(load_state(Path(policy.daemon.state_dir))), time.time())
     except StateError as err:

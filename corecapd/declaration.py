@@ -24,6 +24,9 @@ class Declaration:
     inter_op: int | None = None
     data_workers: int | None = None
     blas: int | None = None
+    # Threads the process ran for what hosts it before the job's own code, beside its main
+    # thread (a Ray worker's core worker and gRPC threads: 19 measured, docs/budgets.md).
+    host_threads: int | None = None
 
     def as_dict(self) -> dict[str, int | None]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -38,6 +41,7 @@ class Settings:
     inter_op: int
     data_workers: int
     blas: int
+    host_threads: int = 0  # not a pool: budgeted on top of them (`Declaration.host_threads`)
 
     def pools(self) -> dict[str, int]:
         """The four layers' sizes, by name (JSON-ready)."""
@@ -77,6 +81,7 @@ def resolve(declaration: Declaration, granted: int) -> Settings:
         inter_op=pick(declaration.inter_op, min(DEFAULT_INTER_OP, granted)),
         data_workers=pick(declaration.data_workers, granted),
         blas=pick(declaration.blas, granted),
+        host_threads=pick(declaration.host_threads, 0),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from corecapd.budget import Budget
 from corecapd.declaration import Pool, Registration, Settings
@@ -26,9 +27,13 @@ from corecapd.protocol import EpochReport
 
 @dataclass(frozen=True)
 class Scan:
-    """Every process on the host now (a full read of /proc)."""
+    """Processes as a scan read them now. `complete`: every process on the host (a full
+    read of /proc); else only those the last `NextScan` named (the jobs' processes and
+    those waiting on their libraries) and any process found in their place: the exec,
+    fork and exit events said what else changed."""
 
     processes: Mapping[ProcKey, Observed]
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ class Report:
 
 @dataclass(frozen=True)
 class EvidenceRead:
-    """What `GatherEvidence` asked for: the job's threads and environment, read now."""
+    """What `GatherEvidence` asked for, read now."""
 
     job: str
     evidence: Evidence
@@ -176,16 +181,22 @@ class Release:
 
 
 @dataclass(frozen=True)
-class ReadLibraries:
-    """Read these processes' libraries (/proc/PID/maps) in the next scan."""
+class NextScan:
+    """What the next scan reads: the libraries (/proc/PID/maps) of `libraries`; every
+    process when `complete`, else what `JobTable.watched` names then (when exec and fork
+    events tell the rest; the daemon also reads everything at its reconcile interval and
+    after lost events)."""
 
-    keys: frozenset[ProcKey]
+    libraries: frozenset[ProcKey]
+    complete: bool
 
 
 @dataclass(frozen=True)
 class GatherEvidence:
-    """Read the job's threads and environment now (`pids`: root first), and hand them
-    back as `EvidenceRead`: a violation began, and its event waits for its diagnosis."""
+    """Read the job's threads, each attributed to its layer, its environment, mask and
+    CPU quota now (`pids`: root first), and hand them back as `EvidenceRead`: a violation
+    began (its event waits for its diagnosis), or the job reached a new high of threads
+    above its cores (its layers are checked: `core.LAYER_CHECK_INTERVAL`)."""
 
     job: str
     pids: tuple[int, ...]
@@ -198,7 +209,7 @@ class SaveState:
     registrations: tuple[tuple[str, KeptRegistration], ...]
 
 
-Effect = Pin | Confine | Release | ReadLibraries | GatherEvidence | SaveState
+Effect = Pin | Confine | Release | NextScan | GatherEvidence | SaveState
 
 
 @dataclass(frozen=True)
@@ -245,6 +256,7 @@ class JobView:
     settings: Settings | None  # its declaration resolved against its grant
     pools: tuple[Pool, ...]  # what its library reported it runs
     epochs: tuple[EpochReport, ...]
+    parent: int | None = None  # a sub-job's enclosing job (its root's PID); None: top-level
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -277,6 +289,13 @@ class ViolationRecord:
     # exited while over budget) or "released" (the job was let go while over budget: its
     # rule no longer matches, or it joined the job of an ancestor); None while it lasts.
     ended_by: str | None = None
+    # "threads": the job's total over its budget; "layer": one layer wider than its grant
+    # allows it (`layer`), the job's total over budget or not: `threads` is then the
+    # layer's width and `budget` what it is allowed.
+    kind: str = "threads"
+    layer: str | None = None
+    # The oversized layers found (`diagnosis.LayerFinding.as_dict()`), with their fixes.
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -78,12 +78,21 @@ class PolicyReloaded(Event):
     message_id = "559675ee84bd4ebe9925755b2f66486e"
     policy: str
     rules: int
+    # Keys whose change waits for a restart ("daemon.metrics"): the rest is in force.
+    restart_needed: tuple[str, ...] = ()
 
     def message(self) -> str:
-        return f"policy reloaded from {self.policy}: {self.rules} rules"
+        text = f"policy reloaded from {self.policy}: {self.rules} rules"
+        if self.restart_needed:
+            text += f"; {', '.join(self.restart_needed)} changed: takes effect at restart"
+        return text
 
     def fields(self) -> dict[str, str]:
-        return {"CORECAP_POLICY": self.policy, "CORECAP_RULES": str(self.rules)}
+        return {
+            "CORECAP_POLICY": self.policy,
+            "CORECAP_RULES": str(self.rules),
+            "CORECAP_RESTART_NEEDED": " ".join(self.restart_needed),
+        }
 
 
 @dataclass(frozen=True)
@@ -322,3 +331,53 @@ class JobEscaped(JobEvent):
 
     def fields(self) -> dict[str, str]:
         return super().fields() | {"CORECAP_ESCAPED_THREADS": str(self.escaped_threads)}
+
+
+@dataclass(frozen=True)
+class MetricsUnavailable(Event):
+    kind = "metrics-unavailable"
+    message_id = "ad9f0cf4129048da8fb782b88ad735cd"
+    priority = ERR
+    address: str  # daemon.metrics
+    reason: str
+
+    def message(self) -> str:
+        return f"no metrics at {self.address} ({self.reason}); jobs are confined all the same"
+
+    def fields(self) -> dict[str, str]:
+        return {"CORECAP_ADDRESS": self.address, "CORECAP_REASON": self.reason}
+
+
+@dataclass(frozen=True)
+class LayerOversized(JobEvent):
+    """One threaded layer of a job is wider than its grant allows it, whether or not the
+    job's total is over budget (corecapd.diagnosis). `threads`/`budget` are the job's."""
+
+    kind = "layer-oversized"
+    message_id = "786a89ba5ad64f6f83d7268a1756ab74"
+    priority = WARNING
+    layer: str  # "tf-data", "openmp", ... (corecapd.attribution.Layer values)
+    name: str  # "tf.data private pool"
+    layer_threads: int  # its width over all of the job's processes
+    processes: int
+    expected: int  # what the grant allows it: cores, declared size, or the quota
+    fix: str
+    evidence: str  # one thread's, e.g. "start routine gomp_thread_start in libgomp.so.1"
+
+    def message(self) -> str:
+        where = f" in {self.processes} processes" if self.processes > 1 else ""
+        return (
+            f"PID {self.pid} (rule {self.rule}): {self.name} of {self.layer_threads} threads"
+            f"{where} on {self.expected} CPUs ({self.evidence}): {self.fix}"
+        )
+
+    def fields(self) -> dict[str, str]:
+        return super().fields() | {
+            "CORECAP_LAYER": self.layer,
+            "CORECAP_LAYER_NAME": self.name,
+            "CORECAP_LAYER_THREADS": str(self.layer_threads),
+            "CORECAP_PROCESSES": str(self.processes),
+            "CORECAP_EXPECTED": str(self.expected),
+            "CORECAP_FIX": self.fix,
+            "CORECAP_EVIDENCE": self.evidence,
+        }

@@ -21,9 +21,11 @@ the BLAS / OpenMP pools are read after the limits were applied.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib.abc
 import importlib.util
+import json
 import os
 import sys
 import warnings
@@ -55,6 +57,22 @@ GRANT_VARIABLES = {
     "data_workers": "CORECAP_DATA_WORKERS",
     "blas": "CORECAP_BLAS",
 }
+
+
+# A file for the job's manifest, written as the process exits (`corecap bench` sets it for
+# each run: what the job ran, TensorFlow's settings and threadpool_info included).
+MANIFEST_VARIABLE = "CORECAP_MANIFEST"
+
+
+def grant_environment(plan: Plan) -> dict[str, str]:
+    """The CORECAP_* variables that hand `plan`'s grant to the library in the job."""
+    found = {"CORECAP_CPUS": ",".join(map(str, plan.cpus))}
+    for name, variable in GRANT_VARIABLES.items():
+        if name != "cpus":
+            found[variable] = str(getattr(plan.settings, name))
+    if plan.daemon is not None:
+        found["CORECAP_SOCKET"] = plan.daemon
+    return found
 
 
 class CorecapWarning(UserWarning):
@@ -116,6 +134,7 @@ class Plan:
         from threadpoolctl import threadpool_info
 
         return {
+            "pid": os.getpid(),
             "cpus": self.cpus,
             "affinity": sorted(os.sched_getaffinity(0)),
             "settings": self.settings.pools(),
@@ -138,14 +157,27 @@ def register(
     blas: int | None = None,
     *,
     socket: str | None = None,
+    pin_standalone: bool = True,
+    host_threads: int | None = None,
 ) -> Plan:
-    """Declare this job's threading, get cores, and size every layer to them."""
+    """Declare this job's threading, get cores, and size every layer to them.
+
+    `host_threads` declares the threads this process runs for what hosts it, beside its
+    main thread and its pools (a Ray worker's, counted by `corecapd.ray`): the daemon
+    budgets for them.
+
+    Without a daemon, `pin_standalone` pins this process to the first `cpus` CPUs of its
+    mask (True: a lone job), or leaves its mask as it is and sizes the pools only (False:
+    one of several workers that know nothing of each other, as Ray's do: pinned, they
+    would all stack on the same first CPUs).
+    """
     asked = {
         "cpus": cpus,
         "intra_op": intra_op,
         "inter_op": inter_op,
         "data_workers": data_workers,
         "blas": blas,
+        "host_threads": host_threads,
     }
     for name, variable in GRANT_VARIABLES.items():  # set by `corecap run`
         if asked[name] is None and os.environ.get(variable):
@@ -165,10 +197,10 @@ def register(
         running = _tensorflow_pools_now() or {}
         declaration = dataclasses.replace(declaration, **running)
     path = socket or os.environ.get("CORECAP_SOCKET") or DEFAULT_SOCKET
-    granted, notes, daemon = _ask_daemon(Path(path), declaration, initialized)
+    granted, notes, daemon = _ask_daemon(Path(path), declaration, initialized, pin_standalone)
     settings = resolve(declaration, len(granted))
     plan = Plan(granted, settings, notes, daemon, initialized, running)
-    _apply(plan)
+    _apply(plan, pin=daemon is not None or pin_standalone)
     if running:
         message = (
             "corecapd.register was called after TensorFlow initialised its thread pools: they run"
@@ -179,7 +211,25 @@ def register(
         plan.notes.append(message)
         warnings.warn(message, CorecapWarning, stacklevel=2)
     _report_pools(plan)
+    if os.environ.get(MANIFEST_VARIABLE):
+        _manifest_at_exit(plan, Path(os.environ[MANIFEST_VARIABLE]))
     return plan
+
+
+_at_exit: list[tuple[Plan, Path]] = []  # the latest plan, and where its manifest goes
+
+
+def _manifest_at_exit(plan: Plan, path: Path) -> None:
+    if not _at_exit:
+        atexit.register(_write_manifest)
+    _at_exit[:] = [(plan, path)]
+
+
+def _write_manifest() -> None:
+    plan, path = _at_exit[-1]
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(plan.manifest()))
+    partial.replace(path)  # whole or absent, for whoever reads it
 
 
 def _asked_instead(asked: dict[str, int | None], running: dict[str, int]) -> str:
@@ -189,7 +239,7 @@ def _asked_instead(asked: dict[str, int | None], running: dict[str, int]) -> str
 
 
 def _ask_daemon(
-    path: Path, declaration: Declaration, initialized: bool
+    path: Path, declaration: Declaration, initialized: bool, pin_standalone: bool
 ) -> tuple[list[int], list[str], str | None]:
     """The grant; the pools follow once the limits are applied (`_report_pools`)."""
     try:
@@ -205,15 +255,19 @@ def _ask_daemon(
         own = sorted(os.sched_getaffinity(0))
         cpus = own[: declaration.cpus] if declaration.cpus else own
         why = f"corecapd refused: {err}" if isinstance(err, RemoteError) else str(err)
-        _warn_once(f"{why}; applying the settings to this process's CPUs {cpus} only")
+        if pin_standalone:
+            _warn_once(f"{why}; applying the settings to this process's CPUs {cpus} only")
+        else:  # once per process, whatever count each registration asks for
+            _warn_once(f"{why}; sizing the pools to the CPUs asked for, the mask left as it is")
         note = "no daemon" if isinstance(err, DaemonUnreachable) else why
-        return cpus, [f"standalone: {note}"], None
+        unpinned = [] if pin_standalone else [f"standalone: not pinned, mask {own}"]
+        return cpus, [f"standalone: {note}", *unpinned], None
     return list(grant["cpus"]), list(grant["notes"]), str(path)
 
 
-def _apply(plan: Plan) -> None:
-    """Pin every thread, then size each layer by the means its state allows."""
-    for name in os.listdir("/proc/self/task"):
+def _apply(plan: Plan, pin: bool) -> None:
+    """Pin every thread (if `pin`), then size each layer by the means its state allows."""
+    for name in os.listdir("/proc/self/task") if pin else ():
         try:
             os.sched_setaffinity(int(name), plan.cpus)
         except ProcessLookupError:

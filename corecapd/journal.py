@@ -65,6 +65,12 @@ class Reporter:
         """sd_notify; a no-op when not started by systemd (no $NOTIFY_SOCKET)."""
         systemd.daemon.notify("\n".join(states))
 
+    def inherited_sockets(self) -> list[int]:
+        """The file descriptors of the sockets systemd handed over (socket activation:
+        $LISTEN_FDS for this PID, unset once read); [] when none."""
+        fds: list[int] = systemd.daemon.listen_fds()
+        return fds
+
 
 def _quote(value: str) -> str:
     safe = value and value.isprintable() and not any(c.isspace() or c in '"|=' for c in value)

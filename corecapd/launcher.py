@@ -12,7 +12,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from corecapd.job import GRANT_VARIABLES, CorecapWarning, register
+from corecapd import bench
+from corecapd.job import CorecapWarning, grant_environment, register
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--blas", type=_positive, help="BLAS / OpenMP threads")
     run.add_argument("--socket", help="corecapd's socket (default $CORECAP_SOCKET or /run/...)")
     run.add_argument("job", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    bench.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.main(args, parser)
     job = args.job[1:] if args.job[:1] == ["--"] else args.job
     if not job:
         parser.error("run: give the command after --, e.g. corecap run --cpus 2 -- python train.py")
@@ -48,13 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"corecap: warning: {str(warning.message).removeprefix('corecapd: ')}", file=sys.stderr
         )
-    settings = plan.settings
-    os.environ["CORECAP_CPUS"] = ",".join(map(str, plan.cpus))
-    for name, variable in GRANT_VARIABLES.items():
-        if name != "cpus":
-            os.environ[variable] = str(getattr(settings, name))
-    if plan.daemon is not None:
-        os.environ["CORECAP_SOCKET"] = plan.daemon
+    os.environ.update(grant_environment(plan))
     try:
         os.execvp(job[0], job)
     except OSError as err:
@@ -62,14 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 127
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
+_positive = bench.whole_number(1)
 
 
 if __name__ == "__main__":

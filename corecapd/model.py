@@ -18,7 +18,7 @@ class ProcKey(NamedTuple):
     start_ticks: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # thousands of them: no __dict__ each
 class Sample:
     """What one scan read of a process: one /proc/PID/stat read gives all of it."""
 
@@ -33,7 +33,7 @@ class Sample:
     exec_mark: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # thousands of them: no __dict__ each
 class Identity:
     """Read once per process, on first sight (exec is the only thing that changes it)."""
 
@@ -51,7 +51,7 @@ class Identity:
     fence: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # thousands of them: no __dict__ each
 class Observed:
     """One process as the core sees it in a scan."""
 

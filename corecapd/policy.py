@@ -6,6 +6,7 @@ Pure apart from `load_policy`, which reads the file. Every key is documented in
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -56,12 +57,14 @@ class DaemonSettings:
     mode: Mode = "enforce"
     backend: str = "auto"
     scan_interval: float = 1.0
+    reconcile_interval: float = 60.0
     reserved_cpus: frozenset[int] = frozenset()
     socket: str = DEFAULT_SOCKET
     exec_events: bool = True
     realtime_priority: int = 0
     cgroup: str = "corecap"
     state_dir: str = "/run/corecap"
+    metrics: str = ""  # "HOST:PORT" of the Prometheus metrics; "" = none
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class Rule:
     match: Match
     cpus: int
     max_threads: int | None = None
+    # Its matches below another job's process become sub-jobs of that job (cores carved out
+    # of its grant), not plain members; outside every job it makes a job like any rule.
+    sub_job: bool = False
 
 
 @dataclass(frozen=True)
@@ -414,6 +420,43 @@ def _socket_path(where: str, value: object) -> str:
     return path
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """An address "HOST:PORT" (HOST an IPv4 address, or an IPv6 one in brackets) as
+    (host, port).
+
+    Raises:
+        ValueError: not of that form, or the port is not 1-65535.
+    """
+    host, colon, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        version = 6
+    else:
+        version = 4
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected a port from 1 to 65535 after the last colon")
+    try:
+        parsed = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{shown(host)} is not an IP address") from None
+    if parsed.version != version:
+        raise ValueError("an IPv6 address, and only one, goes in brackets")
+    return host, int(port)
+
+
+def _listen_address(where: str, value: object) -> str:
+    address = _string(where, value)
+    if address:
+        try:
+            split_address(address)
+        except ValueError as err:
+            raise _SchemaError(
+                f'{where}: expected "" or "HOST:PORT" with HOST an IP address ("127.0.0.1:9787",'
+                f' "[::1]:9787", "0.0.0.0:9787"), found {shown(address)}: {err}'
+            ) from None
+    return address
+
+
 MAX_CPUS = 8192
 MAX_THREADS = 1_000_000
 
@@ -424,12 +467,14 @@ def _build_policy(root: _Table, source: str) -> Policy:
         mode=section.get("mode", _choice(MODES), "enforce"),  # type: ignore[arg-type]
         backend=section.get("backend", _choice(BACKENDS), "auto"),
         scan_interval=section.get("scan_interval", _seconds(0.05, 3600), 1.0),
+        reconcile_interval=section.get("reconcile_interval", _seconds(0.05, 86400), 60.0),
         reserved_cpus=section.get("reserved_cpus", _cpus, frozenset()),
         socket=section.get("socket", _socket_path, DEFAULT_SOCKET),
         exec_events=section.get("exec_events", _boolean, True),
         realtime_priority=section.get("realtime_priority", _integer(0, 99), 0),
         cgroup=section.get("cgroup", _cgroup_name, "corecap"),
         state_dir=section.get("state_dir", _absolute_path, "/run/corecap"),
+        metrics=section.get("metrics", _listen_address, ""),
     )
     section.finish()
 
@@ -512,6 +557,7 @@ def _build_rule(table: _Table, entry: object, defaults: Defaults, names: set[str
         match=match,
         cpus=table.get("cpus", _integer(1, MAX_CPUS), defaults.cpus),
         max_threads=table.get("max_threads", _integer(1, MAX_THREADS), None),
+        sub_job=table.get("sub_job", _boolean, False),
     )
     table.finish()
     return rule

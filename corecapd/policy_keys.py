@@ -65,8 +65,22 @@ KEYS: tuple[Key, ...] = (
         "daemon.scan_interval",
         "seconds",
         "1.0",
-        "Seconds between scans of /proc (detection, thread counts, re-applying masks),"
-        " 0.05 to 3600.",
+        "Seconds between scans, 0.05 to 3600. A scan samples every job's processes"
+        " (thread counts, CPU time, masks set back) and reads the libraries of those that"
+        " are due. With exec_events on it reads nothing else: exec, fork and exit events"
+        " say what is new and what has gone, so its cost follows the jobs, not the host's"
+        " processes. Without them every scan reads all of /proc.",
+    ),
+    Key(
+        "daemon.reconcile_interval",
+        "seconds",
+        "60.0",
+        "Seconds between complete scans of /proc while exec_events are on, 0.05 to 86400"
+        " (at or below scan_interval: every scan is complete):"
+        " they find what no event told (a change of user without an exec; a process whose"
+        " ancestor became a job only once its libraries loaded, found sooner: such a job"
+        " asks for one), and let go of what is kept of processes that have gone. Events"
+        " lost make one at once. Each costs about 20 us per process on the host.",
     ),
     Key(
         "daemon.reserved_cpus",
@@ -87,8 +101,10 @@ KEYS: tuple[Key, ...] = (
         "boolean",
         "true",
         "Find new processes the moment they exec (the kernel's netlink process connector),"
-        " so that a job is confined before Python runs its first statement; false: scans"
-        " only. Takes effect at restart.",
+        " so that a job is confined before Python runs its first statement, and a job's"
+        " workers the moment they fork; with them, scans read only the jobs' processes"
+        " (reconcile_interval). false: every scan reads all of /proc. Takes effect at"
+        " restart.",
     ),
     Key(
         "daemon.realtime_priority",
@@ -111,6 +127,17 @@ KEYS: tuple[Key, ...] = (
         '"/run/corecap"',
         "Where the declarations of registered jobs are kept across restarts"
         " (state.json); it must belong to root and not be writable by group or others."
+        " Takes effect at restart.",
+    ),
+    Key(
+        "daemon.metrics",
+        "address",
+        '""',
+        'Serve Prometheus metrics at http://HOST:PORT/metrics: "HOST:PORT" with HOST an IP'
+        ' address ("127.0.0.1:9787", "[::1]:9787", "0.0.0.0:9787" for every address); ""'
+        " = no metrics. Under systemd the shipped unit may not open Internet sockets: the"
+        " socket unit corecapd-metrics.socket listens on the same address and hands the"
+        " socket over, with its IPAddressAllow= naming who may scrape (README, Fleet)."
         " Takes effect at restart.",
     ),
     Key(
@@ -195,6 +222,22 @@ KEYS: tuple[Key, ...] = (
         "The job's thread budget. Without it the budget is derived from the cores:"
         " 6 + 7 x cpus for TensorFlow, 4 + 2 x cpus for other Python, 1 for any other"
         " process of the job, plus thread_slack.",
+    ),
+    Key(
+        "rules[].sub_job",
+        "boolean",
+        "false",
+        "true: a process this rule matches that runs below another job's process (a trial"
+        " of a hyperparameter search, started by the search's driver) becomes a sub-job of"
+        " that job: its cpus are carved out of the enclosing job's grant, apart from its"
+        " other sub-jobs' while there are enough (else shared within that grant, and its"
+        " notes say so), with a budget and violations of its own. A sub-job's own"
+        " processes never make sub-jobs of its own rule (its forked workers carry its"
+        " command line). false: such a process stays a plain member of the enclosing job."
+        " Outside every job the rule makes a job like any other. The enclosing job's own"
+        " processes keep its whole grant; it ends when its last process and its last"
+        " sub-job have ended. A process of a job that registers (corecap run,"
+        " corecapd.register) becomes a sub-job too.",
     ),
     Key(
         "users.NAME.max_cpus",

@@ -34,6 +34,7 @@ def status_document(
         "jobs": [
             {
                 "pid": job.pid,
+                "parent": job.parent,  # the enclosing job's PID for a sub-job; else None
                 "user": job.user,
                 "rule": job.rule,
                 "cpus": sorted(job.cpus),

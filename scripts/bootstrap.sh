@@ -18,9 +18,10 @@ if ! dpkg -s libsystemd-dev >/dev/null 2>&1; then
 fi
 "$python" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 # tests/test_docs.py checks the manual pages with groff, man and mandoc; bench/attribution.py
-# takes its ground truth from gdb's backtraces.
+# takes its ground truth from gdb's backtraces; tests/test_top.py runs corecapctl top in tmux;
+# tests/test_prometheus.py runs promtool and a real Prometheus server (package prometheus).
 if [ "$profile" = test ]; then
-  for package in groff-base man-db mandoc gdb; do
+  for package in groff-base man-db mandoc gdb tmux prometheus; do
     dpkg -s "$package" >/dev/null 2>&1 || need+=("$package")
   done
 fi
@@ -34,6 +35,8 @@ fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 extras="[daemon]"
+# [test] brings what the tests run for real: TensorFlow, Ray Tune (tests/test_ray.py) and
+# Optuna (tests/test_optuna.py); Ray and Optuna add ~1 min from the package index.
 [ "$profile" = test ] && extras="[daemon,test]"
 stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-$profile"
 if [ ! -e "$stamp" ]; then

@@ -218,6 +218,28 @@ def corecapctl_page() -> str:
         ),
         [
             (
+                "TOP",
+                paragraphs(
+                    "corecapctl top fills the terminal and refreshes it every --interval"
+                    " seconds: the CPUs, each marked with the letter of the job that holds it"
+                    " (= shared by several jobs, . free, r reserved), the jobs most over"
+                    " their thread budget first (a sub-job under its parent), each with a bar"
+                    " of its threads against its budget and violations in red, and the"
+                    " selected job's members, its layers when explain gives them, and the"
+                    " diagnosis when it is over budget. It fits 80x24.",
+                    "With --once it prints one frame and exits. When the output is not a"
+                    " terminal (a pipe, a file) it prints the status table instead.",
+                ),
+            ),
+            (
+                "KEYS (top)",
+                items(
+                    ("Up, Down, k, j", "Select the job above or below."),
+                    ("PageUp, PageDown, Home, End, g, G", "Move the selection further."),
+                    ("q", "Quit (so does Ctrl-C)."),
+                ),
+            ),
+            (
                 "EXIT STATUS",
                 paragraphs(
                     "0 on success; 1 when corecapd is not running or refuses (busy), or, for"
@@ -255,6 +277,18 @@ def corecap_page() -> str:
             "Without a daemon, or when it refuses, corecap run applies the same settings to"
             " the CPUs the process has, says why in one line (corecap: warning: ...) and"
             " runs the job all the same.",
+            "corecap bench registers for --cpus cores of its own, held for the whole run,"
+            " and times CMD on them: --warmup runs of each command not counted, then"
+            " --repeats runs, alternated with --vs CMD2 (A B A B ...), every one in the same"
+            " environment (the grant's threading variables, built once). It never runs on"
+            " shared cores: when another job holds one it waits up to --wait seconds, else"
+            " fails and names the job. It prints, per command, the median, IQR, min and max"
+            " of the wall time, the CPU time and the --metric (group 1 of the expression's"
+            " last match in the output), and the A/B ratio per pair; --json FILE writes every"
+            " run with its manifest (the grant, the threading variables, TensorFlow's pools,"
+            " the job's own corecapd.register() manifest when it calls it, the load). It"
+            " warns when repetitions differ in threading, when another job shared a core"
+            " during a run, and when its job went over its thread budget during a run.",
         ),
         [
             (
@@ -280,8 +314,10 @@ def corecap_page() -> str:
             (
                 "EXIT STATUS",
                 paragraphs(
-                    "The job's (corecap run execs it); 127 when CMD cannot be run; 2 for a"
-                    " command line that cannot be parsed."
+                    "corecap run: the job's (corecap run execs it); 127 when CMD cannot be"
+                    " run. corecap bench: 0 when every run succeeded; 1 when the cores could"
+                    " not be had unshared, CMD cannot be run or a run exited non-zero (its"
+                    " output is shown). Both: 2 for a command line that cannot be parsed."
                 ),
             ),
         ],

@@ -1292,17 +1292,25 @@ tree_ops = st.lists(
 )
 
 
+# "trial" makes sub-jobs: 2 CPUs each, carved out of the 3 of a "parent" job
+SUB_JOB_POLICY = TREE_POLICY.replace('name = "child"', 'name = "child"\nsub_job = true').replace(
+    "cpus = 1", "cpus = 3"
+)
+
+
 @settings(max_examples=300, deadline=None)
-@given(tree_ops)
-def test_invariants_over_random_fork_exec_exit(history: list[TreeOp]) -> None:
+@given(history=tree_ops)
+@pytest.mark.parametrize("rules", [TREE_POLICY, SUB_JOB_POLICY], ids=["members", "sub-jobs"])
+def test_invariants_over_random_fork_exec_exit(rules: str, history: list[TreeOp]) -> None:
     """Forks, execs (the exec path, with its ancestry walk) and exits in any order, scans
     between: every process in at most one job; a job's process runs on CPUs within its
     grant, and after a scan so does every process below a job (masks as the daemon sets
     them: inherited at fork, set at exec and at every scan; a process forked before its
     ancestor became a job waits for that scan); after a scan, a process whose parent is in
-    a job is in that job; no job outlives its last member."""
+    a job is in that job or in a sub-job of it; a sub-job's CPUs are within its enclosing
+    job's; no job outlives its last member and its last sub-job."""
     online = frozenset(range(6))
-    world = World(TREE_POLICY, online=online)
+    world = World(rules, online=online)
     init = world.spawn(100, ppid=0, exe="/sbin/init", cmdline=("init",), uid=0, user="root")
     masks = {init: online}
     next_pid = 1000
@@ -1343,17 +1351,33 @@ def test_invariants_over_random_fork_exec_exit(history: list[TreeOp]) -> None:
             for key, seen in world.procs.items():
                 parent = world.table.job_of(seen.sample.ppid)
                 if parent is not None:
-                    assert world.table.job_of(key.pid) is parent, "below a job, not in it"
+                    assert parent.id in enclosing_jobs(world, key.pid), "below a job, not in it"
 
         members: set[ProcKey] = set()
-        for job in world.table.jobs.values():
-            assert job.members and job.members <= world.procs.keys(), "a job without members"
+        jobs = world.table.jobs
+        for job in jobs.values():
+            assert job.members <= world.procs.keys(), "a member that is gone"
+            assert job.members or any(sub.parent == job.id for sub in jobs.values()), (
+                "a job without members"
+            )
             assert not members & job.members, "a process in two jobs"
             members |= job.members
+            if job.parent is not None:
+                assert job.cpus <= jobs[job.parent].cpus, "a sub-job outside its job's grant"
         for key in world.procs:
             job = nearest_job(world, key.pid)
             if job is not None and (op.kind == "scan" or key in members):
                 assert masks[key] <= job.cpus, "a descendant outside its job's grant"
+
+
+def enclosing_jobs(world: World, pid: int) -> list[ProcKey]:
+    """The job of `pid` and every job enclosing it, innermost first."""
+    job = world.table.job_of(pid)
+    found: list[ProcKey] = []
+    while job is not None:
+        found.append(job.id)
+        job = None if job.parent is None else world.table.jobs[job.parent]
+    return found
 
 
 def nearest_job(world: World, pid: int) -> Any:

@@ -13,7 +13,7 @@ from test_core import T0, World
 
 from corecapd.core import Refused
 from corecapd.declaration import Declaration, Pool, Registration
-from corecapd.diagnosis import Evidence
+from corecapd.diagnosis import Evidence, ThreadLayer
 from corecapd.effects import (
     Adopt,
     Confine,
@@ -25,9 +25,9 @@ from corecapd.effects import (
     ExecStat,
     Exit,
     GatherEvidence,
+    NextScan,
     Outcome,
     Pin,
-    ReadLibraries,
     Register,
     Release,
     Report,
@@ -39,6 +39,7 @@ from corecapd.events import (
     JobEnded,
     JobEscaped,
     JobStarted,
+    LayerOversized,
     ViolationStarted,
 )
 from corecapd.model import ProcKey
@@ -75,9 +76,10 @@ def test_a_scan_tells_the_edges_to_confine_each_job_and_what_to_read_next() -> N
     outcome = scan(world, 0)
     [started] = outcome.events
     assert isinstance(started, JobStarted) and started.pid == 500
-    confine, libraries = outcome.effects
+    confine, next_scan = outcome.effects
     assert confine == Confine(name(key), (500,), started.cpus)
-    assert libraries == ReadLibraries(world.table.libraries_wanted)
+    assert next_scan == NextScan(world.table.libraries_wanted, complete=False)
+    assert world.table.watched() == {key}
 
 
 def test_monitor_mode_decides_but_touches_nothing() -> None:
@@ -85,7 +87,7 @@ def test_monitor_mode_decides_but_touches_nothing() -> None:
     world.spawn(500)
     outcome = scan(world, 0)
     assert [type(e) for e in outcome.events] == [JobStarted]
-    assert kinds(outcome.effects) == [ReadLibraries]
+    assert kinds(outcome.effects) == [NextScan]
     exec_key = world.spawn(600)
     process = world.procs[exec_key]
     assert world.table.handle(Exec(600, 1, process.identity), T0).effects == []
@@ -139,11 +141,16 @@ def test_a_violation_waits_for_its_evidence_then_carries_its_diagnosis() -> None
         assert not [e for e in outcome.events if isinstance(e, ViolationStarted)]
         gathered += [e for e in outcome.effects if isinstance(e, GatherEvidence)]
     assert gathered == [GatherEvidence(name(key), (500,))]
-    evidence = Evidence({"python": 9}, {"OMP_NUM_THREADS": "16"}, "python")
-    [onset] = world.table.handle(EvidenceRead(name(key), evidence), T0 + 16).events
-    assert isinstance(onset, ViolationStarted) and "OMP_NUM_THREADS" in onset.diagnosis
-    [record] = world.table.snapshot().violations
+    omp = ThreadLayer(500, 501, "python", "openmp", "libgomp", "libgomp.so.1", "gomp")
+    threads = tuple(replace(omp, tid=501 + n) for n in range(8))
+    evidence = Evidence({"python": 9}, {"OMP_NUM_THREADS": "16"}, threads, mask_cpus=2)
+    onset, layer = world.table.handle(EvidenceRead(name(key), evidence), T0 + 16).events
+    assert isinstance(onset, ViolationStarted) and "OMP_NUM_THREADS=16" in onset.diagnosis
+    assert isinstance(layer, LayerOversized) and (layer.layer_threads, layer.expected) == (9, 2)
+    record, layer_record = world.table.snapshot().violations
     assert record.diagnosis == onset.diagnosis and record.ended is None
+    assert [found["layer"] for found in record.layers] == ["openmp"]
+    assert (layer_record.kind, layer_record.layer, layer_record.threads) == ("layer", "openmp", 9)
     assert world.table.handle(EvidenceRead(name(key), evidence), T0 + 16).events == []
 
 
@@ -153,7 +160,8 @@ def test_registration_confines_and_saves_state_a_report_saves_the_pools() -> Non
     registration = Registration(Declaration(cpus=1))
     outcome = world.table.handle(Register(world.procs[key], registration), T0)
     assert outcome.job is not None and outcome.job.pid == 500 and len(outcome.job.cpus) == 1
-    assert kinds(outcome.effects) == [Confine, SaveState]
+    assert kinds(outcome.effects) == [Confine, NextScan, SaveState]
+    assert outcome.effects[1] == NextScan(frozenset(), complete=True)
     pools = (Pool("tf-intra-op", 1),)
     reported = world.table.handle(Report(world.procs[key], pools=pools), T0 + 1)
     [saved] = reported.effects
@@ -253,6 +261,6 @@ def test_effects_follow_the_decisions(history: list[tuple[str, int]]) -> None:
                 if isinstance(effect, Confine):
                     job = jobs[effect.job]
                     assert effect.cpus == job.cpus and set(effect.pids) <= set(job.pids)
-            if any(isinstance(e, ReadLibraries) for e in outcome.effects):  # a scan
+            if any(isinstance(e, NextScan) for e in outcome.effects):  # a scan
                 confined = {e.job for e in outcome.effects if isinstance(e, Confine)}
                 assert confined == set(jobs)

@@ -72,6 +72,21 @@ EXPLANATION: dict[str, Any] = {
     "environment": {"OMP_NUM_THREADS": "1"},
     "epochs": [{"epoch": 0, "threads": 3}],
     "hints": ["OMP_NUM_THREADS=1 in the job's environment"],
+    # Evidence holds what a job controls: the names TF gave its threads, library file names.
+    "layers": [
+        {
+            "layer": "openmp",
+            "name": "OpenMP pool (libgomp)",
+            "threads": 4,
+            "processes": 1,
+            "expected": 1,
+            "oversized": True,
+            "fix": "set OMP_NUM_THREADS=1",
+            "evidence": "start routine gomp_thread_start in libgomp.so.1",
+        }
+    ],
+    "mask_cpus": 2,
+    "quota": {"cpus": 0.5, "source": "cpu.max=50000 100000 in /sys/fs/cgroup/job"},
 }
 VIOLATIONS: list[dict[str, Any]] = [
     {"pid": 4242, "rule": "python", "threads": 30, "budget": 14, "started": 0.0, "ended": None}
@@ -230,3 +245,26 @@ def test_policy_errors_quote_what_the_file_holds_escaped(tmp_path: Path, policy:
         assert result.returncode == 1
         assert "\x1b" not in result.stderr and "\x07" not in result.stderr
         assert not quoted or "\\x1b" in result.stderr, result.stderr
+
+
+def test_status_shows_sub_jobs_under_their_job() -> None:
+    def job(pid: int, parent: int | None) -> dict[str, Any]:
+        return {**STATUS["jobs"][0], "pid": pid, "parent": parent}
+
+    jobs = [job(10, None), job(20, None), job(11, 10), job(21, 20), job(12, 10), job(13, 11)]
+    lines = format_status({**STATUS, "jobs": jobs}).splitlines()[3:]
+    start = lines[0].index("RULE")
+    width = lines[0].index("CPUS") - start
+    shown = [(line.split()[0], line[start : start + width].rstrip()) for line in lines[1:]]
+    rule = STATUS["jobs"][0]["rule"]
+    assert shown == [
+        ("10", rule),
+        ("11", f" \\_ {rule}"),
+        ("13", f"     \\_ {rule}"),
+        ("12", f" \\_ {rule}"),
+        ("20", rule),
+        ("21", f" \\_ {rule}"),
+    ]
+    looped = [job(1, 2), job(2, 1), job(3, 99)]  # never sent; still each shown once
+    table = format_status({**STATUS, "jobs": looped}).splitlines()[4:]
+    assert sorted(line.split()[0] for line in table) == ["1", "2", "3"]

@@ -43,14 +43,22 @@ UNIT_DIRS = ("lib/systemd/system", "usr/lib/systemd/system")  # bookworm's, trix
 DEBIAN_PACKAGES = {
     "systemd": "python3-systemd",
     "jeepney": "python3-jeepney",
+    "prometheus_client": "python3-prometheus-client",
     "regex": "python3-regex",
+    "rich": "python3-rich",
     "threadpoolctl": "python3-threadpoolctl",
     "elftools": "python3-pyelftools",
 }
 # Imported, but not a dependency: the job's own TensorFlow (the job library sizes it when
-# the job has it), and tomli before Python 3.11 (dh_python3 writes that alternative itself
-# from pyproject.toml's marker).
-NOT_DEPENDS = {"tensorflow", "tomli"}
+# the job has it) and Ray (corecapd.ray runs in a Ray worker; Debian has no Ray), and tomli
+# before Python 3.11 (dh_python3 writes that alternative itself from pyproject.toml's marker).
+NOT_DEPENDS = {"tensorflow", "tomli", "ray"}
+# daemon.metrics' socket unit and drop-in, and the Prometheus rules (README, Fleet)
+METRICS_EXAMPLES = {
+    "corecapd-metrics.socket": ROOT / "systemd/corecapd-metrics.socket",
+    "metrics.conf": ROOT / "systemd/metrics.conf",
+    "corecap-rules.yml": ROOT / "etc/prometheus/corecap-rules.yml",
+}
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,7 @@ def test_file_list_is_the_commands_unit_policy_manuals_completions_and_modules(
         "usr/bin/corecapctl",
         "usr/bin/corecap",
         "usr/share/doc/corecap/examples/cgroup2.conf",
+        *(f"usr/share/doc/corecap/examples/{name}" for name in METRICS_EXAMPLES),
         "usr/share/doc/corecap/copyright",
         "usr/share/doc/corecap/changelog.gz",
         "usr/share/lintian/overrides/corecap",
@@ -261,6 +270,8 @@ def test_unit_is_the_shipped_one_run_from_usr_bin(deb: Path) -> None:
     assert "ExecStartPre=/usr/bin/corecapctl check /etc/corecap.toml\n" in unit
     example = file_text(deb, "usr/share/doc/corecap/examples/cgroup2.conf")
     assert example == (ROOT / "systemd" / "cgroup2.conf").read_text()
+    for name, source in METRICS_EXAMPLES.items():
+        assert file_text(deb, f"usr/share/doc/corecap/examples/{name}") == source.read_text()
 
 
 def test_maintainer_scripts_enable_start_and_purge(deb: Path) -> None:

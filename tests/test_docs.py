@@ -195,7 +195,7 @@ def complete(*words: str) -> list[str]:
     ("words", "expected"),
     [
         (("corecapctl", "st"), ["status"]),
-        (("corecapctl", ""), ["check", "explain", "reload", "status", "violations"]),
+        (("corecapctl", ""), ["check", "explain", "reload", "status", "top", "violations"]),
         (("corecapctl", "--s"), ["--socket"]),
         (("corecapctl", "status", "--"), ["--help", "--json"]),
         (("corecapctl", "explain", "--j"), ["--json"]),

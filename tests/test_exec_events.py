@@ -10,8 +10,10 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -153,7 +155,8 @@ def test_execs_during_a_long_scan_are_confined_without_waiting_for_it(
     """A crowd of idle processes makes each scan take ~20 ms, longer than a fast start
     takes to its first statement; with a scan every 50 ms many execs land inside one (on a
     loaded machine fewer: children wait for a CPU while the daemon scans, so more start)."""
-    daemon = start_daemon(daemon=SLOW_SCANS | {"scan_interval": 0.05})
+    every_scan_complete = {"scan_interval": 0.05, "reconcile_interval": 0.05}
+    daemon = start_daemon(daemon=SLOW_SCANS | every_scan_complete)
     masks: list[list[int]] = []
     while execs_during_scans(daemon) < 5:
         assert len(masks) < 300, "hardly any exec came in during a scan"
@@ -280,10 +283,14 @@ def test_listen_message_layout_for_old_and_new_kernels() -> None:
     assert sys.platform == "linux"
 
 
-def test_parse_keeps_exec_and_process_exit_and_drops_thread_exit() -> None:
+def test_parse_keeps_exec_and_the_exits_and_forks_of_processes() -> None:
     from corecapd.proc_events import (
+        EXEC,
+        EXIT,
+        FORK,
         PROC_EVENT_EXEC,
         PROC_EVENT_EXIT,
+        PROC_EVENT_FORK,
         ProcEvent,
         encode_event,
         parse_messages,
@@ -293,21 +300,52 @@ def test_parse_keeps_exec_and_process_exit_and_drops_thread_exit() -> None:
         encode_event(PROC_EVENT_EXEC, 0, 1, 111, 40, 40)
         + encode_event(PROC_EVENT_EXIT, 0, 2, 222, 41, 40)  # a thread of 40 ends
         + encode_event(PROC_EVENT_EXIT, 1, 7, 333, 40, 40)
-        + encode_event(0x1, 1, 8, 444, 50, 50)  # FORK: not ours
+        + encode_event(PROC_EVENT_FORK, 1, 8, 444, 50, 50, child=(51, 51))  # a process
+        + encode_event(PROC_EVENT_FORK, 1, 9, 555, 50, 50, child=(52, 50))  # a thread
+        + encode_event(0x4, 1, 10, 666, 50, 50)  # UID: not ours
     )
-    assert parse_messages(data, None) == [
-        ProcEvent(True, 40, 111),
-        ProcEvent(False, 40, 333),
+    assert parse_messages(data) == [
+        ProcEvent(EXEC, 40, 111),
+        ProcEvent(EXIT, 40, 333),
+        ProcEvent(FORK, 51, 444, parent=50),
     ]
 
 
-def test_sequence_gap_is_loss_when_unfiltered() -> None:
-    from corecapd.proc_events import PROC_EVENT_EXEC, EventsLost, encode_event, parse_messages
+def test_the_kernel_drops_thread_events_before_they_reach_us() -> None:
+    """The socket filter runs in the kernel: a thread's start and end never arrive (a job's
+    thread pools would wake the daemon for nothing); a process's fork and exit do."""
+    from corecapd.proc_events import ProcEventSocket, parse_messages
 
-    sequences: dict[int, int] = {}
-    parse_messages(encode_event(PROC_EVENT_EXEC, 0, 5, 1, 40, 40), sequences)
-    parse_messages(encode_event(PROC_EVENT_EXEC, 1, 9, 1, 41, 41), sequences)  # other CPU
-    parse_messages(encode_event(PROC_EVENT_EXEC, 0, 6, 1, 42, 42), sequences)
-    with pytest.raises(EventsLost, match="CPU 0 jumped from 6 to 9"):
-        parse_messages(encode_event(PROC_EVENT_EXEC, 0, 9, 1, 43, 43), sequences)
-    assert parse_messages(b"\x00" * 10, sequences) == []  # a runt datagram is no event
+    events = ProcEventSocket()
+    try:
+        thread = threading.Thread(target=time.sleep, args=(0.01,))
+        thread.start()
+        thread.join()
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+        time.sleep(0.2)
+        datagrams = []
+        while True:
+            try:
+                datagrams.append(events._sock.recv(4096))
+            except BlockingIOError:
+                break
+    finally:
+        events.close()
+    ours = [
+        event
+        for data in datagrams
+        for event in parse_messages(data)
+        if os.getpid() in (event.pid, event.parent) or event.pid == child
+    ]
+    assert [(e.kind, e.pid) for e in ours] == [("fork", child), ("exit", child)]
+    union = struct.Struct("=6i")  # the event's 24 bytes after what, cpu and timestamp
+    assert not [data for data in datagrams if thread.native_id in union.unpack_from(data, 52)]
+
+
+def test_a_runt_datagram_is_no_event() -> None:
+    from corecapd.proc_events import parse_messages
+
+    assert parse_messages(b"\x00" * 10) == []

@@ -3,8 +3,9 @@ the checkout installed with pip where nothing can be compiled (cc, gcc and pkg-c
 PATH fail, CC=false, PKG_CONFIG=false: systemd-python could not build), then the job
 library, `corecap run` and corecapctl used from it, without a daemon and against one.
 pip reuses wheels it built before (its cache), so a systemd-python wheel built for the
-daemon could install without a compiler: the test also checks that neither systemd-python
-nor jeepney was installed.
+daemon could install without a compiler: the test also checks that no project of the
+`daemon` extra was installed, and that `corecapd` names every one (corecapd.entry's
+DAEMON_MODULES, held equal to pyproject.toml's extra here).
 
 Marked `packaging`: it makes a venv and pip-installs (about 20 s; pip needs the package
 index or its cache for setuptools and threadpoolctl). `-m "not packaging"` leaves it out.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,13 +24,25 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, Processes, StartDaemon, marked_rule
 
+from corecapd.entry import DAEMON_MODULES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 pytestmark = pytest.mark.packaging
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the package is made of (pyproject.toml): copied, so that building leaves the
 # checkout as it is (no build/ or egg-info beside the sources others are editing).
 SOURCES = ("pyproject.toml", "README.md", "corecapd", "man", "completions")
-DAEMON_ONLY = {"systemd-python", "jeepney"}
+DAEMON_ONLY = set(DAEMON_MODULES.values())
+
+
+def project_name(name: str) -> str:
+    """A project's name as PEP 503 normalises it: prometheus_client -> prometheus-client."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def run(
@@ -83,7 +97,7 @@ def test_the_install_has_the_job_library_and_not_the_daemon_dependencies(
 ) -> None:
     venv, env = light
     listed = run([str(venv / "bin/pip"), "list", "--format", "json"], env)
-    names = {package["name"].lower() for package in json.loads(listed.stdout)}
+    names = {project_name(package["name"]) for package in json.loads(listed.stdout)}
     assert "corecap" in names and "threadpoolctl" in names
     assert not names & DAEMON_ONLY
     for page in ("man1/corecap.1", "man1/corecapctl.1", "man5/corecap.toml.5", "man8/corecapd.8"):
@@ -100,7 +114,7 @@ def test_import_corecapd_and_the_commands_need_no_systemd(
         "import corecapd, corecapd.launcher, corecapd.ctl\n"
         "from corecapd import Plan, register\n"
         "loaded = {name.partition('.')[0] for name in sys.modules}\n"
-        "assert not loaded & {'systemd', 'jeepney'}, loaded & {'systemd', 'jeepney'}\n"
+        f"assert not loaded & {set(DAEMON_MODULES)}, loaded & {set(DAEMON_MODULES)}\n"
         "assert corecapd.__file__.startswith(sys.prefix), corecapd.__file__\n"
         # corecapctl check may try the systemd backend: without jeepney, a reason, no crash
         "from corecapd.enforcement.systemd import MANAGER, MANAGER_PATH, BusError, SystemBus\n"
@@ -143,6 +157,13 @@ def test_corecap_run_without_a_daemon_runs_the_job(
     assert warning.startswith("corecap: warning: ") and "cannot reach corecapd" in warning
 
 
+def test_the_daemon_modules_are_those_of_the_daemon_extra() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extra = project["optional-dependencies"]["daemon"]
+    required = {project_name(re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0]) for spec in extra}
+    assert {project_name(name) for name in DAEMON_MODULES.values()} == required
+
+
 def test_corecapd_without_its_extra_says_which_to_install(
     light: tuple[Path, dict[str, str]],
 ) -> None:
@@ -150,8 +171,8 @@ def test_corecapd_without_its_extra_says_which_to_install(
     started = run([str(venv / "bin/corecapd"), "--version"], env)
     assert started.returncode == 1
     assert started.stderr == (
-        "corecapd: the daemon needs its dependencies (systemd is not installed):"
-        " pip install 'corecap[daemon]'\n"
+        "corecapd: the daemon needs its dependencies (systemd-python, jeepney, pyelftools,"
+        " prometheus-client are not installed): pip install 'corecap[daemon]'\n"
     )
 
 

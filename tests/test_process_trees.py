@@ -8,6 +8,8 @@ on CPUs outside the job's grant. A violation that ends with its job says so.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -298,3 +300,123 @@ def test_a_launcher_with_a_tensorflow_child_is_budgeted_for_it(
     assert any(job["budget"] == budget for job in seen), [j["budget"] for j in seen]
     assert peak >= 10  # the fit ran (its pools): ~20 threads with the launcher on 2 CPUs
     assert daemon.events("violation-started") == []
+
+
+# -- sub-jobs: trials of a search, each on cores of its own within the search's grant -----
+
+
+def search_rules(marker: str, sub_job: bool = True) -> str:
+    """ "trial": 1 CPU, a sub-job below another job; "search": every CPU."""
+    trial = {"sub_job": True} if sub_job else {}
+    return marked_rule(f"{marker}-trial", "trial", cpus=1, **trial) + marked_rule(
+        marker, "search", cpus=len(CPUS)
+    )
+
+
+# A trial in the background: its stdin is /dev/null (sh), so it sleeps until it is killed.
+# One write(2) per line: the trials share the pipe, and unbuffered print writes twice.
+TRIAL = (
+    "import json, os, time; os.write(1, (json.dumps([os.getpid(),"
+    " sorted(os.sched_getaffinity(0))]) + chr(10)).encode()); time.sleep(120)"
+)
+
+
+def on_cpus(pid: int, cpus: set[int]) -> bool:
+    return all(mask == cpus for mask in thread_affinities(pid).values())
+
+
+def start_trials(processes: Processes, marker: str, count: int) -> tuple[Any, list[Any]]:
+    """A search that starts `count` trials through `sh -c "... &"` (as os.system does) and
+    waits; each trial prints its PID and mask at its first statement. The trials' marker
+    comes from the environment, so the search's own command line does not carry it."""
+    trial = f'{PYTHON} -c "{TRIAL}" "$TRIAL" & '
+    search = processes.python(
+        "import subprocess, sys; subprocess.run(sys.argv[2:])",
+        "sh",
+        "-c",
+        trial * count + "wait",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "TRIAL": f"{marker}-trial"},
+    )
+    trials = [first_line(search) for _ in range(count)]
+    return search, trials
+
+
+def end_trials(search: subprocess.Popen[bytes], trials: list[Any]) -> None:
+    """The trials (not started by the fixture) end by PID, also when the test failed."""
+    for pid, _ in trials:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    finish(search)
+
+
+def test_two_trials_are_sub_jobs_on_disjoint_cores_within_the_search_grant(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(daemon=SLOW_SCANS, rules=search_rules(marker))
+    search, trials = start_trials(processes, marker, 2)
+    try:
+        parent = daemon.wait_job(search.pid)
+        assert parent["parent"] is None and parent["rule"] == "search"
+        for _, mask in trials:  # at its first statement: within the search's grant
+            assert set(mask) <= set(parent["cpus"])
+        jobs = [daemon.wait_job(pid) for pid, _ in trials]
+        assert [(job["rule"], job["parent"]) for job in jobs] == [("trial", search.pid)] * 2
+        first, second = (set(job["cpus"]) for job in jobs)
+        assert len(first) == len(second) == 1 and not first & second  # apart...
+        assert first | second <= set(parent["cpus"])  # ...and carved out of the search's
+        for (pid, _), job in zip(trials, jobs, strict=True):
+            wait_for(functools.partial(on_cpus, pid, set(job["cpus"])))
+            assert pid not in daemon.job(search.pid)["pids"]  # type: ignore[index]
+        shown = subprocess.run(
+            [PYTHON, "-m", "corecapd.ctl", "--socket", str(daemon.socket), "status"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert shown.count(" \\_ trial") == 2
+    finally:
+        end_trials(search, trials)
+    daemon.wait_event("job-ended", pid=str(search.pid))  # after its trials
+
+
+def test_a_trial_outside_every_job_is_a_top_level_job(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(daemon=SLOW_SCANS, rules=search_rules(marker))
+    alone = processes.run([PYTHON, "-c", REPORT, f"{marker}-trial"], stdin=subprocess.PIPE)
+    job = daemon.wait_job(alone.pid)
+    assert job["rule"] == "trial" and job["parent"] is None and len(job["cpus"]) == 1
+    finish(alone)
+
+
+def test_a_reload_that_changes_the_sub_job_rule(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(daemon={"scan_interval": 0.1}, rules=search_rules(marker))
+    search, trials = start_trials(processes, marker, 2)
+    pids = [pid for pid, _ in trials]
+    try:
+        for pid in pids:
+            assert daemon.wait_job(pid)["parent"] == search.pid
+        policy = daemon.policy_path.read_text()
+        daemon.policy_path.write_text(policy.replace("sub_job = true\n", ""))
+        assert daemon.call("reload") == "reloaded"
+        for pid in pids:  # members of the search again, on its CPUs
+            event = daemon.wait_event("job-ended", pid=str(pid))
+            assert (
+                event["reason"] == f"no rule makes it a sub-job any more: joined job {search.pid}"
+            )
+        parent = wait_for(
+            lambda: (j := daemon.job(search.pid)) and set(pids) <= set(j["pids"]) and j
+        )
+        for pid in pids:
+            wait_for(functools.partial(on_cpus, pid, set(parent["cpus"])))
+        daemon.policy_path.write_text(policy)
+        assert daemon.call("reload") == "reloaded"
+        jobs = [daemon.wait_job(pid) for pid in pids]  # sub-jobs again
+        assert all(job["parent"] == search.pid for job in jobs)
+        assert not set(jobs[0]["cpus"]) & set(jobs[1]["cpus"])
+    finally:
+        end_trials(search, trials)

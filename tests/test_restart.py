@@ -213,15 +213,18 @@ def test_a_restored_registration_needs_the_uid_that_registered() -> None:
     assert dict(host.table.registrations())["102-12"] == KeptRegistration(1000, DECLARED)
 
 
-def test_a_jobs_child_that_registered_is_a_job_of_its_own_again() -> None:
-    host = Host(cpus=1, online=range(4))
+def test_a_jobs_child_that_registered_is_its_sub_job_again() -> None:
+    host = Host(cpus=2, online=range(4))
     parent = host.spawn(100, 10)
     worker = host.spawn(101, 11, ppid=100)
+    # what they held before: the worker's fence within its job's, as a sub-job's is
+    host.table.adopt({name(parent): frozenset({2, 3}), name(worker): frozenset({3})})
     host.table.restore({name(worker): KeptRegistration(1000, DECLARED)})
     host.step()
     assert host.table.jobs[worker].registration == DECLARED
     assert host.table.job_of(101) is host.table.jobs[worker]
-    assert parent in host.table.jobs
+    assert host.table.jobs[worker].parent == parent
+    assert host.cpus(parent) == {2, 3} and host.cpus(worker) < host.cpus(parent)
 
 
 # --- the pure part, exhaustively ------------------------------------------------------------------

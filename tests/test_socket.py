@@ -422,7 +422,8 @@ def test_each_connection_holds_a_pidfd_of_its_caller_and_closes_it(daemon: Daemo
         for connection in connections:
             connection.close()
     wait_for(lambda: pidfds_of(pid) == 0, what="every pidfd closed")
-    wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == fds_before, what="no fd left over")
+    # at most as many as before: a scan may have held a /proc file open when they were counted
+    wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds_before, what="no fd left over")
 
 
 @pytest.mark.parametrize("kind", ["file", "symlink", "directory", "dangling symlink"])

@@ -266,6 +266,38 @@ def test_journal_has_structured_job_started(guest: Guest) -> None:
     assert pid in entry["MESSAGE"]
 
 
+def test_explain_attributes_a_jobs_threads_inside_the_service(guest: Guest) -> None:
+    """`explain` attributes every thread of a job inside the daemon, under the unit's
+    seccomp filter (pyelftools reading the interpreter's ELF headers, /proc/PID/mem): the
+    main thread and a threading.Thread of a marked job, and the daemon still the same."""
+    require_active()
+    main_pid = show("MainPID")
+    code = (
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+        "time.sleep(600)\n"
+    )
+    child = subprocess.Popen([PYTHON, "-c", code, MARKER])
+    guest.children.append(child)
+    tasks = Path(f"/proc/{child.pid}/task")
+    wait_for(lambda: len(os.listdir(tasks)) == 2, f"the thread of PID {child.pid}")
+    wait_for(
+        lambda: any(j["pid"] == child.pid for j in ctl_status()["jobs"]),
+        f"the threaded child {child.pid} in corecapctl status",
+    )
+    ctl = [PYTHON, "-m", "corecapd.ctl", "--socket", SOCKET, "explain", str(child.pid), "--json"]
+    explained = sh(*ctl, check=False)
+    assert explained.returncode == 0, f"{explained.stdout}{explained.stderr}\n{unit_log()}"
+    layers = {t["tid"]: t for t in json.loads(explained.stdout)["thread_layers"]}
+    thread = next(tid for tid in map(int, os.listdir(tasks)) if tid != child.pid)
+    assert layers[child.pid]["layer"] == "main", layers
+    assert layers[thread]["layer"] == "python-threading", layers
+    assert layers[thread]["library"].startswith("python3"), layers
+    assert show("ActiveState") == "active" and show("MainPID") == main_pid, unit_log()
+    child.kill()
+    child.wait(timeout=30)
+
+
 def test_reload_rejects_a_broken_policy_and_stays_active(guest: Guest) -> None:
     require_active()
     main_pid = show("MainPID")
