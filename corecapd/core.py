@@ -31,7 +31,7 @@ from corecapd.budget import (
 )
 from corecapd.cpulist import format_cpulist
 from corecapd.declaration import Pool, Registration, Settings, resolve
-from corecapd.diagnosis import Diagnosis, Evidence, diagnose
+from corecapd.diagnosis import UNKNOWN, Diagnosis, Evidence, diagnose
 from corecapd.effects import (
     Adopt,
     Confine,
@@ -217,6 +217,10 @@ class JobTable:
         # Layer checks of jobs within budget: waiting for evidence; the thread count and
         # time of each job's last check; each job's open records of oversized layers.
         self._checking: set[str] = set()
+        # Onsets whose evidence had threads of unknown layer: looked at again at the next
+        # scan (pending), once per job (done)
+        self._look_again: set[str] = set()
+        self._looked_again: set[str] = set()
         self._checked: dict[str, tuple[int, float]] = {}
         self._layer_records: dict[str, dict[str, ViolationRecord]] = {}
         self._left_fences: frozenset[str] | None = None  # adopted, until the first scan
@@ -299,6 +303,10 @@ class JobTable:
         self._left_fences = None
         outcome = self._outcome(events, effects)
         outcome.effects.extend(self._layer_checks_due(now))
+        for name in sorted(self._look_again):
+            if (again := self._named(name)) is not None:
+                outcome.effects.append(GatherEvidence(name, self.view(again).pids))
+        self._look_again.clear()
         outcome.effects.append(self._next_scan())
         return outcome
 
@@ -328,6 +336,8 @@ class JobTable:
                 self._withheld.pop(event.job, None)
                 self._checking.discard(event.job)
                 self._checked.pop(event.job, None)
+                self._look_again.discard(event.job)
+                self._looked_again.discard(event.job)
                 if self.enforcing:
                     released.append(Release(event.job, event.live_pids))
             if isinstance(event, ViolationStarted) and (onset := self.job_of(event.pid)):
@@ -383,6 +393,17 @@ class JobTable:
         if job is None:
             return [] if onset is None else [onset]
         if onset is None and not checking:
+            return []
+        if (
+            onset is not None
+            and job_name not in self._looked_again
+            and any(thread.layer == UNKNOWN for thread in evidence.threads)
+        ):
+            # A thread that has just started may not show its pool's name yet (c13: one
+            # run in 5): the onset waits one scan for a second look, once per job.
+            self._withheld[job_name] = onset
+            self._look_again.add(job_name)
+            self._looked_again.add(job_name)
             return []
         diagnosis = diagnose(self.view(job).diagnosis_facts(), evidence)
         events: list[Event] = []

@@ -32,6 +32,9 @@ THREADING_VARIABLES = (
 )
 
 
+UNKNOWN = "unknown"  # `attribution.Layer.UNKNOWN`: no evidence names the thread's layer
+
+
 @dataclass(frozen=True)
 class ThreadLayer:
     """One thread of the job and its layer (`corecapd.attribution.ThreadEvidence`, with its
@@ -224,7 +227,7 @@ def diagnose(facts: JobFacts, evidence: Evidence) -> Diagnosis:
     hints = [finding.hint() for finding in oversized]
     if quota is not None and quota_limits:
         hints.append(_quota_hint(quota, evidence.mask_cpus, oversized))
-    unknown = [finding for finding in findings if finding.layer == "unknown"]
+    unknown = [finding for finding in findings if finding.layer == UNKNOWN]
     if unknown:
         hints.append(
             f"{unknown[0].threads} threads of unknown layer ({unknown[0].evidence}):"

@@ -154,6 +154,25 @@ def test_a_violation_waits_for_its_evidence_then_carries_its_diagnosis() -> None
     assert world.table.handle(EvidenceRead(name(key), evidence), T0 + 16).events == []
 
 
+def test_an_onset_with_threads_of_unknown_layer_gets_a_second_look_once() -> None:
+    """A TF pool's thread just started may not show its pool's name yet: c13 failed once in
+    5 runs with "16 threads of unknown layer"; the onset waits one scan for another look."""
+    world = World(CAPPED)
+    key = world.spawn(500)
+    scan(world, 0)
+    world.set(key, threads=9)
+    for at in range(1, 16):
+        scan(world, at)
+    unknown = ThreadLayer(500, 501, "python", "unknown", "", "", "its pool's name is unreadable")
+    blurred = Evidence({"python": 9}, {}, (unknown,), mask_cpus=2)
+    assert world.table.handle(EvidenceRead(name(key), blurred), T0 + 16).events == []
+    again = [e for e in scan(world, 17).effects if isinstance(e, GatherEvidence)]
+    assert again == [GatherEvidence(name(key), (500,))]
+    [onset] = world.table.handle(EvidenceRead(name(key), blurred), T0 + 17).events
+    assert isinstance(onset, ViolationStarted) and "unknown layer" in onset.diagnosis
+    assert not [e for e in scan(world, 18).effects if isinstance(e, GatherEvidence)]
+
+
 def test_registration_confines_and_saves_state_a_report_saves_the_pools() -> None:
     world = World()
     key = world.spawn(500)
