@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -108,6 +109,7 @@ MAX_ANCESTRY = 32
 # Reads of a job's fork: one that exec'd meanwhile is read again (its exec event may pass it
 # by: an exe no rule names is not looked at, and scans read only what they watch).
 FORK_READS = 3
+RELOAD_FENCE_WAIT = 2.0  # seconds a reload's reply waits for the fences it changed
 
 
 class StartupError(Exception):
@@ -132,6 +134,11 @@ class FenceWorker:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+
+    def drain(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) until the work handed over so far is done."""
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            self._thread.submit(lambda: None).result(timeout)
 
     def _submit(self, operation: Callable[[], object], job: str) -> None:
         future = asyncio.get_running_loop().run_in_executor(self._thread, _attempt, operation)
@@ -565,6 +572,10 @@ class Daemon:
             )
         )
         self.scan()
+        if self.fences is not None:
+            # "reloaded" once the new grants are in force: a grant that grew is narrowed
+            # by its old fence until the fence worker widens it (a few ms)
+            self.fences.drain(RELOAD_FENCE_WAIT)
         if restart_only:
             return f"reloaded; daemon.{', daemon.'.join(restart_only)} take effect at restart"
         return "reloaded"

@@ -450,3 +450,22 @@ def test_a_job_that_widens_its_own_mask_is_set_back_and_logged(
     assert escape["escaped_threads"] == "1" and escape["cpus"] == str(LAST_CPU)
     assert wait_for(lambda: confined(job.pid, {LAST_CPU}), what="set back")
     assert len(daemon.events("escape", pid=str(job.pid))) == 1
+
+
+def test_a_reload_that_widens_a_grant_answers_once_it_is_in_force(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    """The old fence narrows the wider mask until the fence worker widens the fence: the
+    reply waits for it (the reliability campaign saw the old mask right after the reply)."""
+    daemon = start_daemon(daemon={"reserved_cpus": ""}, rules=marked_rule(marker, cpus=1))
+    job = processes.python(THREADS, "3", stdin=subprocess.PIPE)
+    narrow = set(daemon.wait_job(job.pid)["cpus"])
+    wait_for(lambda: confined(job.pid, narrow))
+    text = daemon.policy_path.read_text()
+    for cpus in (2, 1, 2, 1, 2):
+        daemon.policy_path.write_text(text.replace("cpus = 1", f"cpus = {cpus}"))
+        assert daemon.call("reload") == "reloaded"
+        masks = thread_affinities(job.pid)  # at once: before another request
+        granted = set((daemon.job(job.pid) or {})["cpus"])
+        assert len(granted) == cpus
+        assert all(mask == granted for mask in masks.values()), (masks, granted)
