@@ -434,7 +434,7 @@ def fixes(run: Run, cpus: int) -> tuple[list[str], list[str]]:
             if tid in held
         )
         facts = JobFacts(cpus, len(threads), 0, False, None, ())
-        found = diagnose(facts, Evidence({}, run.environment, threads, cpus))
+        found = diagnose(facts, Evidence(run.environment, threads, cpus))
         return [finding.name for finding in found.oversized]
 
     said = {thread.tid: (thread.layer, thread.runtime) for thread in run.held.threads}

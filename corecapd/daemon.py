@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -693,17 +693,15 @@ class Daemon:
 
     def _evidence(self, pids: Sequence[int]) -> Evidence:
         """What a job's processes (`pids`, root first) show now: every thread attributed to
-        its layer, their names, the threading variables (the root's win), and the root's
-        CPU mask and CPU quota. For `explain`, a violation's onset and a layer check only:
-        a TF process costs 7-11 ms of CPU, 13-35 ms the first time (docs/diagnosis.md)."""
+        its layer, the threading variables (the root's win), and the root's CPU mask and
+        CPU quota. For `explain`, a violation's onset and a layer check only: a TF process
+        costs 7-11 ms of CPU, 13-35 ms the first time (docs/diagnosis.md)."""
         procfs = self.scanner.procfs
-        names: Counter[str] = Counter()
         environment: dict[str, str] = {}
         threads: list[ThreadLayer] = []
         for pid in pids:
             with contextlib.suppress(ProcessGone, PermissionError):
                 found = self.attributor.attribute(pid)
-                names.update(thread.comm for thread in found.threads)
                 threads += [
                     ThreadLayer(pid, t.tid, t.comm, t.layer.value, t.runtime, t.library, t.evidence)
                     for t in found.threads
@@ -716,7 +714,7 @@ class Daemon:
                 mask = len(os.sched_getaffinity(pids[0]))
             with contextlib.suppress(ProcessGone, PermissionError):
                 quota = cpu_quota(pids[0], procfs.root, procfs.cgroup_root)
-        return Evidence(names, environment, tuple(threads), mask, quota)
+        return Evidence(environment, tuple(threads), mask, quota)
 
     def _exec_events_state(self) -> dict[str, Any]:
         if not isinstance(self.exec_events, ProcEventSocket):

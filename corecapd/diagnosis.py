@@ -14,6 +14,7 @@ oversized layer gets a fix; `unknown` threads are counted as unknown, never gues
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -62,11 +63,15 @@ class Quota:
 class Evidence:
     """What the daemon read of a job's processes, at one moment."""
 
-    thread_names: Mapping[str, int]  # comm -> threads, counted across the job
     environment: Mapping[str, str]  # THREADING_VARIABLES set in the job's environment
     threads: tuple[ThreadLayer, ...] = ()  # every thread, attributed; () when not read
     mask_cpus: int = 0  # CPUs in the root's affinity mask; 0 when it could not be read
     quota: Quota | None = None  # the root's cgroup CPU quota, if any
+
+    @property
+    def thread_names(self) -> Counter[str]:
+        """comm -> threads, counted across the job."""
+        return Counter(thread.comm for thread in self.threads)
 
 
 @dataclass(frozen=True)

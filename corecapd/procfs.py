@@ -13,7 +13,6 @@ import errno
 import grp
 import os
 import pwd
-from collections import Counter
 from collections.abc import Generator, Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -236,18 +235,6 @@ class ProcFS:
         parts = path.strip("/").split("/")
         return self.own_cgroup in parts or f"{self.own_cgroup}.slice" in parts
 
-    def thread_names(self, pid: int) -> Counter[str]:
-        """How many of the process's threads carry each name (comm)."""
-        names: Counter[str] = Counter()
-        for tid in self.thread_ids(pid):
-            try:
-                with vanishing(pid):
-                    comm = read_bytes(f"{self._prefix}{pid}/task/{tid}/comm")
-                names[comm.decode(errors="replace").strip()] += 1
-            except ProcessGone:
-                continue  # that thread ended; the others still count
-        return names
-
     def environment(self, pid: int, names: Iterable[str]) -> dict[str, str]:
         """The values of `names` in the process's environment (as it was at exec)."""
         wanted = set(names)
@@ -259,10 +246,6 @@ class ProcFS:
             if sep and name in wanted:
                 found[name] = value
         return found
-
-    def comm(self, pid: int) -> str:
-        with vanishing(pid):
-            return read_bytes(f"{self._prefix}{pid}/comm").decode(errors="replace").strip()
 
     def exe(self, pid: int) -> str:
         """The path of the program the process runs; "" when it is hidden from us."""

@@ -143,7 +143,7 @@ def test_a_violation_waits_for_its_evidence_then_carries_its_diagnosis() -> None
     assert gathered == [GatherEvidence(name(key), (500,))]
     omp = ThreadLayer(500, 501, "python", "openmp", "libgomp", "libgomp.so.1", "gomp")
     threads = tuple(replace(omp, tid=501 + n) for n in range(8))
-    evidence = Evidence({"python": 9}, {"OMP_NUM_THREADS": "16"}, threads, mask_cpus=2)
+    evidence = Evidence({"OMP_NUM_THREADS": "16"}, threads, mask_cpus=2)
     onset, layer = world.table.handle(EvidenceRead(name(key), evidence), T0 + 16).events
     assert isinstance(onset, ViolationStarted) and "OMP_NUM_THREADS=16" in onset.diagnosis
     assert isinstance(layer, LayerOversized) and (layer.layer_threads, layer.expected) == (9, 2)
@@ -164,7 +164,7 @@ def test_an_onset_with_threads_of_unknown_layer_gets_a_second_look_once() -> Non
     for at in range(1, 16):
         scan(world, at)
     unknown = ThreadLayer(500, 501, "python", "unknown", "", "", "its pool's name is unreadable")
-    blurred = Evidence({"python": 9}, {}, (unknown,), mask_cpus=2)
+    blurred = Evidence({}, (unknown,), mask_cpus=2)
     assert world.table.handle(EvidenceRead(name(key), blurred), T0 + 16).events == []
     again = [e for e in scan(world, 17).effects if isinstance(e, GatherEvidence)]
     assert again == [GatherEvidence(name(key), (500,))]

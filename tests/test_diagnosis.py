@@ -32,7 +32,7 @@ def facts(cpus: int, settings: Settings | None = None) -> JobFacts:
 
 
 def evidence(found: list[ThreadLayer], mask: int = 1, **more: object) -> Evidence:
-    return Evidence({"python": len(found)}, {}, tuple(found), mask, **more)  # type: ignore[arg-type]
+    return Evidence({}, tuple(found), mask, **more)  # type: ignore[arg-type]
 
 
 # c13: a Keras fit whose tf.data private pool is 16 on 1 CPU, intra-op and inter-op 1.
@@ -67,7 +67,7 @@ def test_the_oversized_tf_data_private_pool_is_named_and_no_other_layer() -> Non
 
 def test_an_openmp_pool_counts_its_caller_and_names_the_variable_in_the_environment() -> None:
     found = [thread("main"), *threads(15, "openmp", runtime="libgomp", library="libgomp.so.1")]
-    seen = Evidence({"python": 16}, {"OMP_NUM_THREADS": "16"}, tuple(found), 1)
+    seen = Evidence({"OMP_NUM_THREADS": "16"}, tuple(found), 1)
     [oversized] = diagnose(facts(1), seen).oversized
     assert (oversized.name, oversized.threads) == ("OpenMP pool (libgomp)", 16)
     assert oversized.fix.startswith(

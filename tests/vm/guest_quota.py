@@ -47,7 +47,7 @@ def test_a_cpu_max_quota_is_read_and_said_to_be_no_thread_control() -> None:
         )
         assert [thread.layer for thread in threads] == ["main"]
         facts = JobFacts(mask, len(threads), 14, False, None, ())
-        diagnosis = diagnose(facts, Evidence({}, {}, threads, mask, quota))
+        diagnosis = diagnose(facts, Evidence({}, threads, mask, quota))
         [said] = diagnosis.hints
         assert f"sized from the CPU mask ({mask} CPUs), not from the quota (0.5 CPUs)" in said
         assert not diagnosis.oversized  # one thread: no pool, and no fix named
