@@ -1242,18 +1242,13 @@ class JobTable:
         sub-jobs' while there are enough (then the least loaded of them), and within its
         cpuset. No user cap applies: the enclosing job's grant already counts."""
         requested, notes = self._requested(job.rule, job.registration)
-        siblings = [
-            Holding(other.user, other.cpus)
-            for other in self.jobs.values()
-            if other.parent == parent.id and other is not job and other.cpus
-        ]
         carved = f"a sub-job of job {parent.pid}: its CPUs are carved out of that job's"
         try:
             grant = allocate(
                 requested,
                 job.user,
                 parent.cpus,
-                siblings,
+                self._holdings(job),  # its sibling sub-jobs'
                 None,
                 topology=self.topology,
                 allowed=job.cpuset,
@@ -1319,15 +1314,18 @@ class JobTable:
         return asked, ()
 
     def _holdings(self, job: Job | None) -> list[Holding]:
-        """The cores held, but for `job`'s own: by top-level jobs (a sub-job's are its
-        enclosing job's), and by the grants jobs keep across a restart that are not placed
-        yet (so new jobs get the free cores)."""
+        """The cores held beside `job`'s own by the jobs at its level: top-level jobs (a
+        sub-job's cores are its enclosing job's) and the grants jobs keep across a restart
+        that are not placed yet (so new jobs get the free cores); for a sub-job, its sibling
+        sub-jobs."""
+        level = None if job is None else job.parent
         holdings = [
             Holding(other.user, other.cpus)
             for other in self.jobs.values()
-            if other is not job and other.cpus and other.parent is None
+            if other is not job and other.cpus and other.parent == level
         ]
-        holdings += [kept for key, kept in self._kept.items() if job is None or key != job.id]
+        if level is None:
+            holdings += [kept for key, kept in self._kept.items() if job is None or key != job.id]
         return holdings
 
     def _set_budget(self, job: Job) -> None:
