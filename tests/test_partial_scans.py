@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from test_core import T0, TF_LIBS, World
+from test_core_effects import scan as complete
 
 from corecapd.effects import ExecStat, NextScan, Outcome, ReplacePolicy, Scan
 from corecapd.events import JobStarted
@@ -45,13 +46,6 @@ def partial(world: World, at: float) -> Outcome:
         if key in world.procs
     }
     return world.table.handle(Scan(seen, complete=False), T0 + at)
-
-
-def complete(world: World, at: float) -> Outcome:
-    for key in world.table.libraries_wanted & world.procs.keys():
-        world.read[key] = world.procs[key].libraries or frozenset()
-    seen = {key: replace(p, libraries=world.read.get(key)) for key, p in world.procs.items()}
-    return world.table.handle(Scan(seen), T0 + at)
 
 
 def next_scan(outcome: Outcome) -> NextScan:
