@@ -840,8 +840,9 @@ class JobTable:
         """`process` (a new process below `job`, or a member of it) becomes a sub-job of
         `job` under `rule`, with the members of `job` below it (by `processes`' parent
         links), its cores carved out of `job`'s grant."""
-        below = {process.key}
+        below: list[ProcKey] = []
         if process.key in job.members:
+            self._drop(job, process.key)
             children: dict[int, list[ProcKey]] = {}
             for key in job.members:
                 if key in processes and key != job.id:
@@ -849,15 +850,12 @@ class JobTable:
             todo = [process.key.pid]
             while todo:
                 for key in children.pop(todo.pop(), ()):
-                    below.add(key)
+                    below.append(key)
                     todo.append(key.pid)
-        kinds = {key: job.kinds.get(key, OTHER) for key in below}
-        for key in below & job.members:
-            self._drop(job, key)
         sub = self._new_job(process, rule)
         sub.parent = job.id
-        for key in below - {process.key}:
-            self._join(sub, key, kinds[key])
+        for key in below:
+            self._move(key, job, sub)
         return [self._place(sub, JobStarted)]
 
     def _encloses_any(self, job: Job) -> bool:
@@ -948,9 +946,7 @@ class JobTable:
                 parent = None if seen is None else self._member_pids.get(seen.sample.ppid)
                 into = None if parent is None else self.jobs[self._member_of[parent]]
                 if into is not None and into is not job and self._within(into, job):
-                    kind = job.kinds.get(key, OTHER)
-                    self._drop(job, key)
-                    self._join(into, key, kind)
+                    self._move(key, job, into)
 
     def _within(self, job: Job, outer: Job) -> bool:
         """Whether `job` is `outer` or one of its sub-jobs, at any depth."""
@@ -1353,6 +1349,12 @@ class JobTable:
         job.kinds[key] = kind
         self._member_of[key] = job.id
         self._member_pids[key.pid] = key
+
+    def _move(self, key: ProcKey, job: Job, into: Job) -> None:
+        """`key` leaves `job` for `into`, as what it runs."""
+        kind = job.kinds.get(key, OTHER)
+        self._drop(job, key)
+        self._join(into, key, kind)
 
     def _drop(self, job: Job, key: ProcKey) -> None:
         """`key` leaves `job` (it exited, or registered a job of its own)."""
