@@ -59,6 +59,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -779,12 +780,27 @@ def table(rows: list[Row]) -> str:
             f" {row.busy_ms:>6.1f} {row.quiet_ms:>6.1f} {row.net_per_1k_ms:>6.1f}"
             f" {row.cpu_per_1k_ms:>6.1f} {row.rss_mb:>6.1f}"
         )
-    base = [r for r in unrelated if r.enforcer == "cgrulesengd" and r.net_per_1k_ms > 0]
+    # The n-th repeat of each enforcer against the n-th of cgrulesengd: the same run's.
+    base = [r for r in unrelated if r.enforcer == "cgrulesengd"]
+    by_enforcer: dict[str, list[float]] = {}
+    seen: Counter[str] = Counter()
     for row in unrelated:
-        if row.enforcer.startswith("corecapd") and base and not math.isnan(row.net_per_1k_ms):
+        if not row.enforcer.startswith("corecapd"):
+            continue
+        ratios_of = by_enforcer.setdefault(row.enforcer, [])
+        seen[row.enforcer] += 1
+        against = base[seen[row.enforcer] - 1] if seen[row.enforcer] <= len(base) else None
+        if against is None or not against.net_per_1k_ms > 0 or math.isnan(row.net_per_1k_ms):
+            continue
+        ratios_of.append(row.net_per_1k_ms / against.net_per_1k_ms)
+        lines.append(
+            f"{row.enforcer} / cgrulesengd CPU per unrelated exec (slope):"
+            f" {ratios_of[-1]:.2f} (target: <= 1)"
+        )
+    for enforcer, found in by_enforcer.items():
+        if len(found) > 1:
             lines.append(
-                f"{row.enforcer} / cgrulesengd CPU per unrelated exec (slope):"
-                f" {row.net_per_1k_ms / base[0].net_per_1k_ms:.2f} (target <= 2)"
+                f"{enforcer} / cgrulesengd, median over repeats: {_spread(found, '{:.2f}')}"
             )
     ratios = []
     for row in rows:
@@ -840,13 +856,15 @@ def repeat_summary(rows: list[Row]) -> str:
         if row.children and not row.kind.startswith("unrelated"):
             cells.setdefault((row.enforcer, row.kind, row.load), []).append(row)
     lines = [
-        "medians over repeats (min-max): first%, spawn->confined p99 ms, event->applied p99 ms",
+        "medians over repeats (min-max): first%, spawn->confined p99 ms, enforcer CPU ms per"
+        " child (target for corecapd: <= 1), event->applied p99 ms",
     ]
     for (enforcer, kind, load), repeats in cells.items():
         applied = [stats["p99"] / 1000 for r in repeats if (stats := confine_stats(r))]
         parts = [
             _spread([r.first_pct for r in repeats], "{:.1f}"),
             _spread([r.p99_ms for r in repeats], "{:.1f}"),
+            _spread([r.cpu_per_1k_ms / 1000 for r in repeats], "{:.2f}"),
         ]
         if applied:
             parts.append(_spread(applied, "{:.2f}"))

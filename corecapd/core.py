@@ -746,6 +746,11 @@ class JobTable:
         for their libraries to be read): their fences are not let go meanwhile."""
         return frozenset(f"{key.pid}-{key.start_ticks}" for key in self._kept)
 
+    def knows(self, pid: int) -> bool:
+        """Whether the exit of `pid` changes anything here: it is a job's process, or the
+        last complete scan saw it outside every job. O(1), no side effects."""
+        return pid in self._member_pids or pid in self._outside
+
     def is_member(self, pid: int) -> bool:
         """Whether `pid` is a process of a job now. O(1), no side effects."""
         return pid in self._member_pids

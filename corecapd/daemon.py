@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import gc
 import math
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -109,6 +109,7 @@ MAX_ANCESTRY = 32
 # Reads of a job's fork: one that exec'd meanwhile is read again (its exec event may pass it
 # by: an exe no rule names is not looked at, and scans read only what they watch).
 FORK_READS = 3
+FENCE_TIDY_AFTER = 1.0  # seconds without fence work before the backend tidies up
 RELOAD_FENCE_WAIT = 2.0  # seconds a reload's reply waits for the fences it changed
 
 
@@ -119,12 +120,22 @@ class StartupError(Exception):
 class FenceWorker:
     """The fence backend's work, in order, on one thread of its own: a cgroup move takes
     6-12 ms and removing a used cgroup waits for the kernel, and exec events must never wait
-    behind either (the write releases the GIL). Errors come back to the loop's thread."""
+    behind either (the write releases the GIL). Errors come back to the loop's thread.
+
+    A plain thread and queue, not an executor: a future per operation woke the loop for
+    its result, two wake-ups per short-lived job that only an error needs (measured: ~0.1
+    ms of daemon CPU per matched child, bench/exec_latency.py)."""
 
     def __init__(self, backend: Backend, on_error: Callable[[str, str], None]) -> None:
         self.backend = backend
         self._on_error = on_error
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corecapd-fence")
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="corecapd-fence", daemon=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the thread; errors are reported on `loop`'s thread."""
+        self._loop = loop
+        self._thread.start()
 
     def confine(self, job: str, pids: Sequence[int], cpus: frozenset[int]) -> None:
         self._submit(partial(self.backend.confine, job, tuple(pids), cpus), job)
@@ -132,21 +143,40 @@ class FenceWorker:
     def release(self, job: str, pids: Sequence[int]) -> None:
         self._submit(partial(self.backend.release, job, tuple(pids)), job)
 
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)
+    def close(self) -> str | None:
+        """Finish the work handed over, then tidy up; the error, if tidying failed."""
+        self._queue.put(None)
+        self._thread.join()
+        return _attempt(self.backend.tidy)
 
     def drain(self, timeout: float) -> None:
         """Wait (at most `timeout` s) until the work handed over so far is done."""
-        with contextlib.suppress(concurrent.futures.TimeoutError):
-            self._thread.submit(lambda: None).result(timeout)
+        done = threading.Event()
+        self._queue.put(done.set)
+        done.wait(timeout)
 
     def _submit(self, operation: Callable[[], object], job: str) -> None:
-        future = asyncio.get_running_loop().run_in_executor(self._thread, _attempt, operation)
-        future.add_done_callback(lambda done: self._report(job, done.result()))
+        def attempt() -> None:
+            if (error := _attempt(operation)) is not None:
+                self._loop.call_soon_threadsafe(self._on_error, job, error)
 
-    def _report(self, job: str, error: str | None) -> None:
-        if error is not None:
-            self._on_error(job, error)
+        self._queue.put(attempt)
+
+    def _work(self) -> None:
+        # Tidy once idle that long after work, and after start (what a crash left).
+        idle: float | None = FENCE_TIDY_AFTER
+        while True:
+            try:
+                work = self._queue.get(timeout=idle)
+            except queue.Empty:
+                if (error := _attempt(self.backend.tidy)) is not None:
+                    self._loop.call_soon_threadsafe(self._on_error, "", error)
+                idle = None
+                continue
+            if work is None:
+                return
+            work()
+            idle = FENCE_TIDY_AFTER
 
 
 def _attempt(operation: Callable[[], object]) -> str | None:
@@ -213,6 +243,8 @@ class Daemon:
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(stop_signal, self.stop, stop_signal.name)
         await self.server.start()
+        if self.fences is not None:
+            self.fences.start(loop)
         if self.metrics is not None:
             self._serve_metrics(loop)
         self._emit(
@@ -252,6 +284,8 @@ class Daemon:
                     await asyncio.wait_for(self._wake.wait(), max(timeout, 0))
         finally:
             self.reporter.notify("STOPPING=1")
+            if self.fences is not None and (error := self.fences.close()) is not None:
+                self._fence_failed("", error)
             jobs, _ = self.table.counts()
             self._emit(DaemonStopped(reason=self._stop_reason, jobs=jobs))
             if isinstance(self.exec_events, ProcEventSocket):
@@ -260,8 +294,6 @@ class Daemon:
             await self.server.stop()
             if self.metrics is not None:  # off the loop: a scrape may wait for a reading
                 await asyncio.to_thread(self.metrics.stop)
-            if self.fences is not None:
-                self.fences.close()
 
     def stop(self, reason: str = "asked to stop") -> None:
         self._stop_reason = reason
@@ -373,6 +405,7 @@ class Daemon:
         """One datagram at a time: the first exec is confined before the rest are read
         (a bound keeps a storm from starving the loop; the reader fires again)."""
         assert isinstance(self.exec_events, ProcEventSocket)
+        changed = False  # whether the core was told anything
         for _ in range(EVENT_DATAGRAMS_PER_WAKE):
             try:
                 events = self.exec_events.read()
@@ -385,18 +418,22 @@ class Daemon:
                 break
             for event in events:
                 if event.kind is EXEC:
-                    self._admit(event)
+                    changed |= self._admit(event)
                     continue
                 if event.kind is FORK:
                     if self.table.is_member(event.parent):  # else: it matters once it execs
                         self._forked(event.pid)
+                        changed = True
                     continue
                 if self.table.is_member(event.pid) and self.scanner.procfs.lives_on(event.pid):
                     continue  # only its leader thread exited; scans see the process's end
                 if self._changed_meanwhile is not None:
                     self._changed_meanwhile.add(event.pid)
-                self._apply(Exit(event.pid), time.time())
-        self._apply(Prepare(), time.time())  # the next exec's grant, worked out while nothing waits
+                if self.table.knows(event.pid):  # most exits on a host are of nobody it knows
+                    self._apply(Exit(event.pid), time.time())
+                    changed = True
+        if changed:  # the next exec's grant, worked out while nothing waits
+            self._apply(Prepare(), time.time())
 
     def _forked(self, pid: int) -> None:
         """A job's process started another without an exec (a multiprocessing or
@@ -421,17 +458,18 @@ class Daemon:
             self._next_scan = time.monotonic()
             self._wake.set()
 
-    def _admit(self, event: ProcEvent) -> None:
+    def _admit(self, event: ProcEvent) -> bool:
         """The exec fast path: cheap reads, and the core pins the process ahead when who it
         is tells its CPUs (`Exec`), before the stat file is read (most of the path's work);
-        then the core places it (`ExecStat`) and the masks are confirmed or corrected."""
+        then the core places it (`ExecStat`) and the masks are confirmed or corrected.
+        Returns whether the core was told of it."""
         pid = event.pid
         try:
             exe = self.scanner.procfs.exe(pid)
             if not self.table.may_match_exe(os.path.basename(exe)):
-                return  # unrelated (children of jobs inherit their mask; scans enrol them)
+                return False  # unrelated (children of jobs inherit their mask; scans enrol them)
         except (ProcessGone, PermissionError):
-            return
+            return False
         gc.disable()  # a collection now would land on the exec path; it runs right after
         try:
             identity, ppid = self.scanner.procfs.identity_and_parent(pid, exe)
@@ -441,11 +479,11 @@ class Daemon:
             confined_ns = time.monotonic_ns()
             process = self.scanner.observe(pid, identity=identity)  # the stat file only now
         except (ProcessGone, PermissionError):
-            return
+            return True  # pinned ahead, maybe: the exit event follows
         finally:
             gc.enable()
         if process is None:
-            return
+            return True
         if self._changed_meanwhile is not None:
             self._changed_meanwhile.add(pid)
             self._changed_meanwhile.update(sample.key.pid for sample in lineage)
@@ -461,6 +499,7 @@ class Daemon:
                 self.exec_latency_us.append((confined_ns - event.timestamp_ns) / 1000)
         for reported in outcome.events:
             self._emit(reported)
+        return True
 
     def _lineage(self, ppid: int) -> tuple[list[Sample], int]:
         """The exec path's ancestry walk: the ancestors the table does not know yet

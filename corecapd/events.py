@@ -292,10 +292,12 @@ class FenceFailed(Event):
     kind = "fence-failed"
     message_id = "82735cb0c28243eebcfb2edc85bccccb"
     priority = ERR
-    job: str  # Job.name
+    job: str  # Job.name; "" when tidying up after the last job failed
     error: str
 
     def message(self) -> str:
+        if not self.job:
+            return f"removing the cpuset fences' subtree failed ({self.error})"
         return f"job {self.job}: the cpuset fence failed ({self.error}); its affinity still holds"
 
     def fields(self) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Collection, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -68,9 +67,12 @@ def latency_summary(samples_us: Collection[float]) -> dict[str, float] | None:
     if not samples_us:
         return None
     ordered = sorted(samples_us)
+    middle = len(ordered) // 2  # the median from the sorted list: `statistics` costs the
+    # daemon 0.8 MB of RSS (decimal, fractions) for this one use
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
     return {
         "count": len(ordered),
-        "p50": round(statistics.median(ordered), 1),
+        "p50": round(median, 1),
         "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
         "max": round(ordered[-1], 1),
     }

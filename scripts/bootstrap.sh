@@ -19,9 +19,10 @@ fi
 "$python" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 # tests/test_docs.py checks the manual pages with groff, man and mandoc; bench/attribution.py
 # takes its ground truth from gdb's backtraces; tests/test_top.py runs corecapctl top in tmux;
-# tests/test_prometheus.py runs promtool and a real Prometheus server (package prometheus).
+# tests/test_prometheus.py runs promtool and a real Prometheus server (package prometheus);
+# bench/exec_latency.py measures against cgrulesengd (cgroup-tools) in the same run.
 if [ "$profile" = test ]; then
-  for package in groff-base man-db mandoc gdb tmux prometheus; do
+  for package in groff-base man-db mandoc gdb tmux prometheus cgroup-tools; do
     dpkg -s "$package" >/dev/null 2>&1 || need+=("$package")
   done
 fi

@@ -56,7 +56,28 @@ def test_confine_moves_the_whole_process_and_release_removes_everything(
 
     backend.release("1-2", [job.pid])
     assert cpuset_of(job.pid) == "/"
-    assert not (CPUSET / host.cgroup).exists()  # the last job took the subtree with it
+    assert not fence.exists()
+    assert (CPUSET / host.cgroup).exists()  # kept for the next job: a run of short jobs
+    backend.tidy()  # ... until the fence work is idle
+    assert not (CPUSET / host.cgroup).exists()
+
+
+def test_a_fence_removed_behind_our_back_is_set_up_again(host: Host, processes: Processes) -> None:
+    """Later confines of a job read nothing of its fence (every scan confines every job);
+    a move that finds the fence gone makes it again, subtree and all."""
+    backend = Cgroup1Backend(host)
+    first = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    assert backend.confine("1-2", [first.pid], frozenset({JOB_CPU})) == 1
+    (CPUSET / "cgroup.procs").write_text(str(first.pid))  # an admin's clean-up, by hand
+    (CPUSET / host.cgroup / "job-1-2").rmdir()
+    (CPUSET / host.cgroup).rmdir()
+    second = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    assert backend.confine("1-2", [first.pid, second.pid], frozenset({JOB_CPU})) == 2
+    assert cpuset_of(second.pid) == f"/{host.cgroup}/job-1-2"
+    assert (CPUSET / host.cgroup / "job-1-2" / "cpuset.cpus").read_text().strip() == str(JOB_CPU)
+    backend.release("1-2", [first.pid, second.pid])
+    backend.tidy()
+    assert not (CPUSET / host.cgroup).exists()
 
 
 @pytest.mark.parametrize("half_made", ["subtree", "fence", "both", "narrow subtree"])
@@ -85,7 +106,52 @@ def test_confine_completes_what_a_crash_left_half_made(
     assert os.sched_getaffinity(job.pid) == {JOB_CPU}
     assert backend.adopt() == {"1-2": frozenset({JOB_CPU})}
     backend.release("1-2", [job.pid])
+    backend.tidy()
     assert not subtree.exists()
+
+
+def test_a_run_of_short_jobs_reuses_emptied_cpusets(host: Host, processes: Processes) -> None:
+    """An ended job's cpuset is renamed to a spare and renamed again for the next job (a
+    rename for a mkdir and two writes): the next job's fence is the same directory, with
+    its own CPUs written when they differ, and no spare ever holds a process."""
+    subtree = CPUSET / host.cgroup
+    backend = Cgroup1Backend(host)
+    first = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    assert backend.confine("1-2", [first.pid], frozenset({JOB_CPU})) == 1
+    made = (subtree / "job-1-2").stat().st_ino
+    backend.release("1-2", [])  # its process lives on: it must leave the cpuset first
+    assert cpuset_of(first.pid) == "/"
+    spares = [path for path in subtree.iterdir() if path.name.startswith("spare-")]
+    assert len(spares) == 1 and not (spares[0] / "cgroup.procs").read_text().split()
+
+    second = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    assert backend.confine("3-4", [second.pid], frozenset({JOB_CPU})) == 1
+    assert (subtree / "job-3-4").stat().st_ino == made  # renamed, not made again
+    assert not any(path.name.startswith("spare-") for path in subtree.iterdir())
+    assert cpuset_of(second.pid) == f"/{host.cgroup}/job-3-4"
+    assert backend.adopt() == {"3-4": frozenset({JOB_CPU})}
+
+    backend.release("3-4", [second.pid])
+    other = frozenset({CPUS[0]})
+    assert backend.confine("5-6", [first.pid], other) == 1  # a spare of other CPUs
+    assert (subtree / "job-5-6" / "cpuset.cpus").read_text().strip() == str(CPUS[0])
+    assert os.sched_getaffinity(first.pid) == other
+    backend.release("5-6", [first.pid])
+    backend.tidy()
+    assert not subtree.exists()
+
+
+def test_tidy_removes_the_spares_a_previous_daemon_left(host: Host) -> None:
+    subtree = CPUSET / host.cgroup
+    subtree.mkdir()
+    (subtree / "cpuset.cpus").write_text(str(JOB_CPU))
+    (subtree / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    (subtree / "spare-7").mkdir()
+    (subtree / "job-3-4").mkdir()  # a job's: adopted, or not yet, it stays
+    backend = Cgroup1Backend(host)
+    backend.tidy()
+    assert not (subtree / "spare-7").exists()
+    assert (subtree / "job-3-4").is_dir()
 
 
 def test_adopt_lists_only_job_cpusets(host: Host) -> None:

@@ -48,10 +48,12 @@ class AffinityBackend(Backend):
         return len(changed)
 
     def pin(self, pid: int, cpus: frozenset[int]) -> None:
-        """Set every thread of `pid` now, before its job is known (the exec path); `confine`
-        follows and keeps the books. An error is left for `confine` to raise."""
+        """Set the leader of `pid` now, before its job is known (the exec path: a process
+        that just exec'd has no other thread, and the threads it makes inherit the mask);
+        `confine` follows, sets any thread made before this, and keeps the books. An error
+        is left for `confine` to raise."""
         with contextlib.suppress(EnforcementError):
-            self._set_all_threads(pid, cpus, set())
+            self._set_thread(pid, pid, cpus)
 
     def take_escapes(self) -> dict[str, int]:
         """Threads each job moved out of its mask since the last call (set back already)."""

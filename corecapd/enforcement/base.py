@@ -51,6 +51,11 @@ class Backend(ABC):
     def release(self, job: str, pids: Sequence[int]) -> None:
         """The job is over: let its live processes go, remove what `confine` made."""
 
+    def tidy(self) -> None:  # noqa: B027 (optional: most backends leave nothing behind)
+        """Remove what no job needs any more (a subtree left without job cgroups); called
+        when the fence work has been idle for a moment, and at stop. Raises
+        EnforcementError when something of ours cannot be removed."""
+
     def adopt(self) -> dict[str, frozenset[int]]:
         """Fences a previous daemon left behind (job name -> CPUs), to take over: their
         jobs keep these CPUs where the policy allows (`JobTable.adopt`). One a crash left
