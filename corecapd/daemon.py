@@ -123,8 +123,8 @@ class FenceWorker:
     behind either (the write releases the GIL). Errors come back to the loop's thread.
 
     A plain thread and queue, not an executor: a future per operation woke the loop for
-    its result, two wake-ups per short-lived job that only an error needs (measured: ~0.1
-    ms of daemon CPU per matched child, bench/exec_latency.py)."""
+    its result, two wake-ups per short-lived job (about 20 us each: bench/wake_cost.py)
+    for what only an error needs."""
 
     def __init__(self, backend: Backend, on_error: Callable[[str, str], None]) -> None:
         self.backend = backend
