@@ -103,6 +103,10 @@ RESTART_ONLY = (
 LATENCY_SAMPLES = 10_000
 GIL_SWITCH_INTERVAL = 0.0001  # seconds; Python's default of 5 ms would dwarf the exec path
 EVENT_DATAGRAMS_PER_WAKE = 4096
+# Forks and exits closer together than EVENT_STORM_GAP (s) wait up to EVENT_DEFER (s) for a
+# wake-up (an exec takes them at once): at most 20 wake-ups a second for them in a storm.
+EVENT_STORM_GAP = 0.005
+EVENT_DEFER = 0.05
 # Ancestors the exec path reads at most to find a Python process's job: shells, env,
 # timeout, nohup and wrappers between a job and its Python are a handful, not dozens.
 MAX_ANCESTRY = 32
@@ -232,6 +236,8 @@ class Daemon:
         self._stop_reason = "an error in the main loop"  # until stop() says otherwise
         self._wake = asyncio.Event()
         self._next_scan = 0.0
+        self._deferred: asyncio.TimerHandle | None = None  # forks' and exits' turn
+        self._last_deferred = -math.inf  # time.monotonic() of their last wake-up
 
     @property
     def enforcing(self) -> bool:
@@ -259,7 +265,8 @@ class Daemon:
         if self.state_problem is not None:
             self._emit(StateProblem(error=self.state_problem))
         if isinstance(self.exec_events, ProcEventSocket):
-            loop.add_reader(self.exec_events.fileno(), self._on_exec_events)
+            loop.add_reader(self.exec_events.fileno(), self._on_events)
+            loop.add_reader(self.exec_events.deferred_fileno(), self._defer_events)
         else:
             self._emit(ExecEventsUnavailable(reason=self.exec_events))
         self._adopt()
@@ -289,7 +296,10 @@ class Daemon:
             jobs, _ = self.table.counts()
             self._emit(DaemonStopped(reason=self._stop_reason, jobs=jobs))
             if isinstance(self.exec_events, ProcEventSocket):
+                if self._deferred is not None:
+                    self._deferred.cancel()
                 loop.remove_reader(self.exec_events.fileno())
+                loop.remove_reader(self.exec_events.deferred_fileno())
                 self.exec_events.close()
             await self.server.stop()
             if self.metrics is not None:  # off the loop: a scrape may wait for a reading
@@ -329,7 +339,7 @@ class Daemon:
                     processes: dict[ProcKey, Observed] = done.value
                     break
                 if events_on:
-                    self._on_exec_events()
+                    self._on_events()
         finally:
             changed, self._changed_meanwhile = self._changed_meanwhile, None
         if complete:
@@ -401,9 +411,35 @@ class Daemon:
                     folded[seen.key] = seen
         return folded
 
-    def _on_exec_events(self) -> None:
-        """One datagram at a time: the first exec is confined before the rest are read
-        (a bound keeps a storm from starving the loop; the reader fires again)."""
+    def _defer_events(self) -> None:
+        """A fork or exit waits. One that comes alone is taken at once (a job's end frees
+        its cores before the next exec needs them); in a run of them, less than
+        EVENT_STORM_GAP apart (a shell loop, a build), they wait up to EVENT_DEFER, or
+        for the next exec, which takes them first: their wake-ups cost more than their
+        handling (bench/wake_cost.py)."""
+        assert isinstance(self.exec_events, ProcEventSocket)
+        now = time.monotonic()
+        alone = now - self._last_deferred >= EVENT_STORM_GAP
+        self._last_deferred = now
+        if alone:
+            self._on_events()
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.exec_events.deferred_fileno())
+        self._deferred = loop.call_later(EVENT_DEFER, self._deferred_due)
+
+    def _deferred_due(self) -> None:
+        assert isinstance(self.exec_events, ProcEventSocket)
+        self._deferred = None
+        self._on_events()
+        self._last_deferred = time.monotonic()  # a storm that goes on stays deferred
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.exec_events.deferred_fileno(), self._defer_events)
+
+    def _on_events(self) -> None:
+        """One exec datagram at a time, with the forks and exits before it: the first exec
+        is confined before the rest are read (a bound keeps a storm from starving the
+        loop; the reader fires again)."""
         assert isinstance(self.exec_events, ProcEventSocket)
         changed = False  # whether the core was told anything
         for _ in range(EVENT_DATAGRAMS_PER_WAKE):
@@ -418,7 +454,9 @@ class Daemon:
                 break
             for event in events:
                 if event.kind is EXEC:
-                    changed |= self._admit(event)
+                    if changed:  # forks and exits came first: foresee its grant anew
+                        self._apply(Prepare(), time.time())
+                    changed = self._admit(event)
                     continue
                 if event.kind is FORK:
                     if self.table.is_member(event.parent):  # else: it matters once it execs

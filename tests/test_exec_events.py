@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import struct
 import subprocess
@@ -28,6 +29,8 @@ pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs: one is rese
 JOB_CPU = CPUS[-1]
 # As shipped (the unit runs corecapd SCHED_FIFO): exec handling preempts busy jobs.
 SLOW_SCANS = {"scan_interval": 30.0, "reserved_cpus": str(CPUS[0]), "realtime_priority": 10}
+# A scan every 50 ms, each of which lists /proc: execs land inside scans.
+EVERY_SCAN_COMPLETE = {"scan_interval": 0.05, "reconcile_interval": 0.05}
 
 # The child's first statement: what its mask is before any Python code of ours ran.
 FIRST_STATEMENT = "import os; print(sorted(os.sched_getaffinity(0)), flush=True)"
@@ -155,8 +158,7 @@ def test_execs_during_a_long_scan_are_confined_without_waiting_for_it(
     """A crowd of idle processes makes each scan take ~20 ms, longer than a fast start
     takes to its first statement; with a scan every 50 ms many execs land inside one (on a
     loaded machine fewer: children wait for a CPU while the daemon scans, so more start)."""
-    every_scan_complete = {"scan_interval": 0.05, "reconcile_interval": 0.05}
-    daemon = start_daemon(daemon=SLOW_SCANS | every_scan_complete)
+    daemon = start_daemon(daemon=SLOW_SCANS | EVERY_SCAN_COMPLETE)
     masks: list[list[int]] = []
     while execs_during_scans(daemon) < 5:
         assert len(masks) < 300, "hardly any exec came in during a scan"
@@ -168,8 +170,10 @@ def test_a_scan_keeps_the_jobs_placed_and_ended_while_it_ran(
     start_daemon: StartDaemon, processes: Processes, crowd: int
 ) -> None:
     """Processes forked after a scan listed /proc, exec'd and placed while it ran, are not
-    ended by its step; nor are ones that exited meanwhile placed again."""
-    daemon = start_daemon(daemon=SLOW_SCANS | {"scan_interval": 0.05})
+    ended by its step; nor are ones that exited meanwhile placed again. Every scan lists
+    /proc (`reconcile_interval`): a partial scan lists nothing, and is over too soon for
+    many execs to land inside it."""
+    daemon = start_daemon(daemon=SLOW_SCANS | EVERY_SCAN_COMPLETE)
     alive: list[subprocess.Popen[bytes]] = []
     gone: list[subprocess.Popen[bytes]] = []
     while not alive or execs_during_scans(daemon) < 5:  # (a status call waits for a scan)
@@ -187,6 +191,23 @@ def test_a_scan_keeps_the_jobs_placed_and_ended_while_it_ran(
     for child in gone:  # placed at most once (it may end before its exec event is read)
         started = daemon.events("job-started", pid=str(child.pid))
         assert len(started) == len(daemon.events("job-ended", pid=str(child.pid))) <= 1
+
+
+def test_a_job_that_ends_amid_a_fork_storm_ends_without_waiting_for_a_scan(
+    start_daemon: StartDaemon, processes: Processes
+) -> None:
+    """Forks and exits that come close together (a shell loop's subshells: no exec to take
+    them) wait a moment for a wake-up of their own, not for the next scan (30 s here)."""
+    daemon = start_daemon(daemon=SLOW_SCANS)
+    job = processes.python("import sys; sys.stdin.read()", stdin=PIPE)
+    daemon.wait_job(job.pid)
+    processes.run(["sh", "-c", "while :; do (:); done"])  # a fork and an exit, again and again
+    time.sleep(0.5)
+    assert job.stdin is not None
+    job.stdin.close()
+    job.wait(timeout=10)
+    daemon.wait_event("job-ended", timeout=10, pid=str(job.pid))
+    assert daemon.job(job.pid) is None
 
 
 def test_lost_events_trigger_a_rescan_that_confines_what_was_missed(
@@ -329,7 +350,7 @@ def test_the_kernel_drops_thread_events_before_they_reach_us() -> None:
         datagrams = []
         while True:
             try:
-                datagrams.append(events._sock.recv(4096))
+                datagrams.append(events._others.recv(4096))
             except BlockingIOError:
                 break
     finally:
@@ -343,6 +364,43 @@ def test_the_kernel_drops_thread_events_before_they_reach_us() -> None:
     assert [(e.kind, e.pid) for e in ours] == [("fork", child), ("exit", child)]
     union = struct.Struct("=6i")  # the event's 24 bytes after what, cpu and timestamp
     assert not [data for data in datagrams if thread.native_id in union.unpack_from(data, 52)]
+
+
+def test_execs_wake_one_socket_and_forks_and_exits_wait_on_the_other() -> None:
+    """Execs arrive on `fileno`'s socket (the exec path wakes for each), forks and exits on
+    `deferred_fileno`'s; `read` gives them back in the order they happened: an exec with
+    the forks and exits before it, and those after it once no exec waits."""
+    from corecapd.proc_events import EXEC, EXIT, FORK, ProcEventSocket
+
+    events = ProcEventSocket()
+    try:
+        first = subprocess.Popen(["/bin/true"])
+        first.wait()
+        second = subprocess.Popen(["/bin/true"])
+        second.wait()
+        time.sleep(0.2)
+        assert select.select([events.fileno(), events.deferred_fileno()], [], [], 0)[0] == [
+            events.fileno(),
+            events.deferred_fileno(),
+        ]
+        reads = []
+        while (batch := events.read()) is not None:
+            reads.append(batch)
+    finally:
+        events.close()
+    got = [event for batch in reads for event in batch]
+    ours = [(e.kind, e.pid) for e in got if e.pid in (first.pid, second.pid)]
+    assert ours == [
+        (FORK, first.pid),
+        (EXEC, first.pid),
+        (EXIT, first.pid),
+        (FORK, second.pid),
+        (EXEC, second.pid),
+        (EXIT, second.pid),
+    ]
+    assert all(
+        [e.timestamp_ns for e in batch] == sorted(e.timestamp_ns for e in batch) for batch in reads
+    )
 
 
 def test_a_runt_datagram_is_no_event() -> None:
