@@ -93,6 +93,7 @@ EPOCHS_KEPT = 100  # per-epoch thread counts a job's Keras callback reported
 # attribution costs 7-11 ms of CPU (docs/diagnosis.md), so at most ~0.04% of a CPU per job,
 # and the first check comes at the first scan after its grace.
 LAYER_CHECK_INTERVAL = 30.0
+FORESIGHTS = 16  # holdings whose foretold grants `foresee` keeps
 # Libraries load late (TensorFlow ~2 s after exec; a notebook may import it after hours).
 # /proc/PID/maps is re-read at doubling ages (0.1, 0.2, 0.4 ... s), so a process costs a
 # handful of reads (~2 ms each for TensorFlow) over its life, never one per scan.
@@ -209,6 +210,7 @@ class JobTable:
         self._reallocate = False
         # rule size -> the CPUs a new job of that size gets now (None: work it out again)
         self._foreseen: dict[int, frozenset[int]] | None = None
+        self._foresights: dict[tuple[Holding, ...], dict[int, frozenset[int]]] = {}
         self.policy = policy
         self.eligible_cpus = eligible_cpus(policy, online_cpus)
         self._failed: set[str] = set()  # jobs whose failure to confine was reported
@@ -519,6 +521,7 @@ class JobTable:
         self.policy = policy
         self.eligible_cpus = eligible_cpus(policy, online_cpus=self.online_cpus)
         self._foreseen = None
+        self._foresights.clear()
         self._exe_verdicts.clear()
         self._ignored.clear()
         self._reallocate = True
@@ -632,6 +635,12 @@ class JobTable:
         if self._foreseen is not None:
             return
         holdings = self._holdings(None)
+        # A run of short jobs swings between the same few holdings: what each foretold is
+        # kept (FORESIGHTS of them at most, until the policy changes).
+        kept = self._foresights.get(key := tuple(holdings))
+        if kept is not None:
+            self._foreseen = kept
+            return
         self._foreseen = {}
         for size in {rule.cpus for rule in self.policy.rules}:
             try:
@@ -640,6 +649,9 @@ class JobTable:
                 continue
             if not grant.shared:  # which shared cores depends on whose job it is
                 self._foreseen[size] = grant.cpus
+        if len(self._foresights) >= FORESIGHTS:
+            self._foresights.clear()
+        self._foresights[key] = self._foreseen
 
     def foreseen_cpus(self, pid: int, ppid: int, identity: Identity) -> frozenset[int] | None:
         """The CPUs `admit` will give a process that just exec'd, when known without placing

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Protocol, TextIO
@@ -72,6 +73,11 @@ class Reporter:
         return fds
 
 
+# What makes a value need quotes: whitespace (str.isspace's, as `\s` matches in a str
+# pattern) and the line's own separators; one scan in C, not a generator per character.
+_NEEDS_QUOTES = re.compile(r'[\s"|=]')
+
+
 def _quote(value: str) -> str:
-    safe = value and value.isprintable() and not any(c.isspace() or c in '"|=' for c in value)
+    safe = value and value.isprintable() and _NEEDS_QUOTES.search(value) is None
     return value if safe else json.dumps(value)  # escapes control characters too

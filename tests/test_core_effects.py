@@ -9,7 +9,7 @@ from dataclasses import FrozenInstanceError, replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_core import T0, World
+from test_core import PYTHON_RULE, T0, World, policy
 
 from corecapd.core import Refused
 from corecapd.declaration import Declaration, Pool, Registration
@@ -28,8 +28,10 @@ from corecapd.effects import (
     NextScan,
     Outcome,
     Pin,
+    Prepare,
     Register,
     Release,
+    ReplacePolicy,
     Report,
     SaveState,
     Scan,
@@ -105,6 +107,32 @@ def test_an_exec_is_pinned_ahead_and_confined_to_the_same_cpus() -> None:
     placed = world.table.handle(ExecStat(process), T0)
     assert placed.effects == [Confine(name(key), (500,), pin.cpus)]
     assert [type(e) for e in placed.events] == [JobStarted]
+
+
+def test_the_foresight_follows_the_holdings_back_and_forth_and_the_policy() -> None:
+    """A run of short jobs swings between the same holdings, whose foretold grants are
+    kept: each exec is still pinned to what placing it gives, and a reload that changes
+    the eligible CPUs foretells afresh."""
+    world = World(online=range(4))
+    scan(world, 0)
+    pinned: list[frozenset[int]] = []
+    for pid in (500, 501, 502):  # one after the other: each ends before the next starts
+        world.table.handle(Prepare(), T0)
+        key = world.spawn(pid)
+        [pin] = world.table.handle(Exec(pid, 1, world.procs[key].identity), T0).effects
+        assert isinstance(pin, Pin)
+        placed = world.table.handle(ExecStat(world.procs[key]), T0)
+        assert placed.effects == [Confine(name(key), (pid,), pin.cpus)]
+        del world.procs[key]
+        world.table.handle(Exit(pid), T0 + 1)
+        pinned.append(pin.cpus)
+    assert pinned[0] == pinned[1] == pinned[2] and len(pinned[0]) == 2
+    reserved = f'[daemon]\nreserved_cpus = "{",".join(map(str, sorted(pinned[0])))}"\n'
+    world.table.handle(ReplacePolicy(policy(reserved + PYTHON_RULE)), T0 + 2)
+    world.table.handle(Prepare(), T0 + 2)
+    key = world.spawn(503)
+    [pin] = world.table.handle(Exec(503, 1, world.procs[key].identity), T0 + 2).effects
+    assert isinstance(pin, Pin) and not pin.cpus & pinned[0]
 
 
 def test_the_shell_between_a_job_and_its_python_is_confined_with_it() -> None:
