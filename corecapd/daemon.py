@@ -135,6 +135,7 @@ class FenceWorker:
         self._on_error = on_error
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="corecapd-fence", daemon=True)
+        self._loop: asyncio.AbstractEventLoop  # the daemon's, from `start`: errors go there
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the thread; errors are reported on `loop`'s thread."""

@@ -86,9 +86,7 @@ _FIRST_PID = _HEADERS + 16  # exec and exit: process_pid, process_tgid; fork: pa
 _CHILD_PID = _HEADERS + 24  # fork: child_pid, child_tgid
 
 
-def process_filter(
-    kinds: int = PROC_EVENT_EXEC | PROC_EVENT_EXIT | PROC_EVENT_FORK,
-) -> list[tuple[int, int, int, int]]:
+def process_filter(kinds: int) -> list[tuple[int, int, int, int]]:
     """A classic BPF program (code, jt, jf, k per instruction) that lets through, of
     `kinds`, execs, exits of processes and forks of processes, and drops everything else (a
     thread's creation or end, other event kinds, the ack to our listen message). cBPF loads

@@ -33,6 +33,15 @@ def cpuset_of(pid: int) -> str:
     return Path(f"/proc/{pid}/cpuset").read_text().strip()
 
 
+def make_cpuset(path: Path) -> Path:
+    """A cpuset at `path` holding the last CPU and every memory node (as a previous daemon,
+    Slurm or a container would have made it)."""
+    path.mkdir()
+    (path / "cpuset.cpus").write_text(str(JOB_CPU))
+    (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    return path
+
+
 def test_confine_moves_the_whole_process_and_release_removes_everything(
     host: Host, processes: Processes
 ) -> None:
@@ -142,10 +151,7 @@ def test_a_run_of_short_jobs_reuses_emptied_cpusets(host: Host, processes: Proce
 
 
 def test_tidy_removes_the_spares_a_previous_daemon_left(host: Host) -> None:
-    subtree = CPUSET / host.cgroup
-    subtree.mkdir()
-    (subtree / "cpuset.cpus").write_text(str(JOB_CPU))
-    (subtree / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    subtree = make_cpuset(CPUSET / host.cgroup)
     (subtree / "spare-7").mkdir()
     (subtree / "job-3-4").mkdir()  # a job's: adopted, or not yet, it stays
     backend = Cgroup1Backend(host)
@@ -155,10 +161,7 @@ def test_tidy_removes_the_spares_a_previous_daemon_left(host: Host) -> None:
 
 
 def test_adopt_lists_only_job_cpusets(host: Host) -> None:
-    subtree = CPUSET / host.cgroup
-    subtree.mkdir()
-    (subtree / "cpuset.cpus").write_text(str(JOB_CPU))
-    (subtree / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    subtree = make_cpuset(CPUSET / host.cgroup)
     (subtree / "not-a-job").mkdir()
     (subtree / "job-3-4").mkdir()
     (subtree / "job-3-4" / "cpuset.cpus").write_text(str(JOB_CPU))
@@ -228,14 +231,8 @@ def test_daemon_fences_jobs_and_cleans_up_after_them(
 def test_a_restarted_daemon_removes_fences_whose_job_is_gone(
     start_daemon: StartDaemon, marker: str
 ) -> None:
-    subtree = CPUSET / f"corecap-test-{marker}"
-    stale = subtree / "job-4194000-1"  # no such process
-    subtree.mkdir()
-    (subtree / "cpuset.cpus").write_text(str(JOB_CPU))
-    (subtree / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-    stale.mkdir()
-    (stale / "cpuset.cpus").write_text(str(JOB_CPU))
-    (stale / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    subtree = make_cpuset(CPUSET / f"corecap-test-{marker}")
+    stale = make_cpuset(subtree / "job-4194000-1")  # no such process
     start_daemon(daemon={"backend": "cgroup1"})
     wait_for(lambda: not stale.exists(), what="the stale fence removed")
 
@@ -243,10 +240,7 @@ def test_a_restarted_daemon_removes_fences_whose_job_is_gone(
 @pytest.fixture
 def outer_cpuset(marker: str) -> Iterator[Path]:
     """A cpuset standing for Slurm's or a container's, holding only the last CPU."""
-    outer = CPUSET / f"corecap-test-outer-{marker}"
-    outer.mkdir()
-    (outer / "cpuset.cpus").write_text(str(JOB_CPU))
-    (outer / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+    outer = make_cpuset(CPUSET / f"corecap-test-outer-{marker}")
     yield outer
     remove_cgroup(outer)
 
