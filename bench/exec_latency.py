@@ -19,6 +19,10 @@ Three enforcers, each idle and with 2 CPU hogs, in the same run:
                /metrics every second from this process during the cell;
   cgrulesengd  Debian's cgroup-tools, a cgrules.conf rule `*:pybench<hex>` into a cgroup v1
                cpuset of the highest CPU (see bench/cgrules_fixture.py: /etc is restored exactly);
+  pyfloor      bench/python_floor.py: the least a Python enforcer does per matched exec
+               (asyncio under SCHED_FIFO, netlink, the exe link, status and stat files, the
+               leader's mask, a cgroup move on a thread, two log lines) into a cpuset of the
+               highest CPU: the floor of corecapd's CPU per child in Python here;
   poller       a Python loop that every 1.0 s lists /proc and pins every thread of every
                process whose exe is the unique name.
 Each enforcer is started fresh for each cell. Its CPU time is read from the kernel per thread
@@ -73,6 +77,7 @@ from corecapd.client import DaemonUnreachable, call
 from corecapd.protocol import ProtocolError
 
 REPO = Path(__file__).resolve().parent.parent
+CPUSET_V1 = Path("/sys/fs/cgroup/cpuset")
 ENFORCERS = (
     "none",
     "corecapd",
@@ -80,6 +85,7 @@ ENFORCERS = (
     "corecapd-metrics",
     "corecapd-rt-metrics",
     "cgrulesengd",
+    "pyfloor",
     "poller",
 )
 SCRAPE_INTERVAL = 1.0  # seconds: -metrics cells are scraped this often (Prometheus: 15-60 s)
@@ -546,6 +552,42 @@ class Cgrulesengd(Enforcer):
         return ["cgrulesengd", "-n", "-f", self.log_path]
 
 
+class PythonFloor(Enforcer):
+    label = "pyfloor"
+
+    def __init__(self, reaper: Reaper, workdir: Path, exe_name: str, cpu: int, tag: str) -> None:
+        super().__init__(reaper, workdir)
+        self.exe_name = exe_name
+        self.cpu = cpu
+        self.cpuset = CPUSET_V1 / f"corecap-bench-floor-{tag}"
+
+    def command(self) -> list[str | Path]:
+        script = REPO / "bench" / "python_floor.py"
+        return [sys.executable, script, self.exe_name, str(self.cpu), self.cpuset]
+
+    def start(self) -> None:
+        if not (CPUSET_V1 / "cpuset.cpus").is_file():
+            raise Unavailable("n/a: no cgroup v1 cpuset hierarchy")
+        self.cpuset.mkdir(exist_ok=True)
+        (self.cpuset / "cpuset.cpus").write_text(str(self.cpu))
+        (self.cpuset / "cpuset.mems").write_text((CPUSET_V1 / "cpuset.mems").read_text())
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        deadline = time.monotonic() + 5
+        while self.cpuset.exists():
+            for pid in (self.cpuset / "cgroup.procs").read_text().split():  # ours: back out
+                with contextlib.suppress(OSError):
+                    (CPUSET_V1 / "cgroup.procs").write_text(pid)
+            try:
+                self.cpuset.rmdir()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
 class Poller(Enforcer):
     label = "poller"
 
@@ -925,6 +967,9 @@ def measure_enforcer(
             enforcer = Corecapd(reaper, workdir, exe_name, cpu, name)
         elif name == "poller":
             enforcer = Poller(reaper, workdir, exe_name, cpu)
+        elif name == "pyfloor":
+            enforcer = PythonFloor(reaper, workdir, exe_name, cpu, tag)
+            group = f"/{enforcer.cpuset.name}"
         else:
             if shutil.which("cgrulesengd") is None:
                 return [

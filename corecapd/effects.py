@@ -155,7 +155,8 @@ Input = (
 @dataclass(frozen=True)
 class Pin:
     """Set every thread of these processes to `cpus` now, ahead of their job's placement
-    (the exec path: before the interpreter's first statement)."""
+    (the exec path: before the interpreter's first statement). Only `Exec` gives it, and
+    the exec path carries it out itself (it must know whether the pin took)."""
 
     pids: tuple[int, ...]
     cpus: frozenset[int]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import socket
 import struct
 import sys
@@ -56,7 +57,7 @@ CAP_NET_ADMIN = 12
 # The initial namespaces' inode numbers (PROC_USER_INIT_INO, PROC_PID_INIT_INO): fixed ABI.
 INITIAL_NAMESPACES = {"user": "user:[4026531837]", "pid": "pid:[4026531836]"}
 RECEIVE_BUFFER = 8 << 20  # ~10,000 events: seconds of an exec storm without loss
-DEFERRED_PER_READ = 256  # fork and exit datagrams per `read`: a storm's wait for its exec
+DEFERRED_PER_READ = 256  # forks and exits held at most by `read`: a storm's wait for its exec
 
 
 SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
@@ -173,6 +174,11 @@ class ProcEventSocket:
         except OSError:
             self._execs.close()
             raise
+        # Which socket holds a datagram, asked once per `read`: a recv on an empty socket
+        # raises, and reading both until each raised cost more than the events' handling.
+        self._ready = select.poll()
+        self._ready.register(self._execs, select.POLLIN)
+        self._ready.register(self._others, select.POLLIN)
 
     def _subscribe(self, kinds: int, receive_buffer: int) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
@@ -215,12 +221,15 @@ class ProcEventSocket:
         """The next exec datagram's events with the forks and exits that came before them,
         in the order they happened; when no exec waits, every fork and exit that does.
         None when nothing waits."""
-        for _ in range(DEFERRED_PER_READ):
-            data = _receive(self._others)
-            if data is None:
-                break
-            self._held += parse_messages(data)
-        data = _receive(self._execs)
+        ready = dict(self._ready.poll(0))  # fd -> POLLIN, or POLLERR after an overflow
+        if self._others.fileno() in ready:
+            # Those already held are older than the rest: enough to merge with an exec.
+            while len(self._held) < DEFERRED_PER_READ:
+                data = _receive(self._others)
+                if data is None:
+                    break
+                self._held += parse_messages(data)
+        data = _receive(self._execs) if self._execs.fileno() in ready else None
         if data is None:
             if not self._held:
                 return None

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import CPUSET, Processes, StartDaemon, remove_cgroup, wait_for
 
+from corecapd.daemon import FENCE_TIDY_AFTER, FenceWorker
 from corecapd.enforcement import AffinityBackend, Cgroup1Backend, Host, NoBackend, choose_backend
 from corecapd.procfs import ProcFS, online_cpus
 
@@ -281,3 +284,81 @@ def test_a_cpuset_of_reserved_cpus_only_keeps_the_job_in_it(
     assert granted["cpus"] == [JOB_CPU]
     assert any("left in its own cpuset" in note for note in granted["notes"])
     processes.end_all()
+
+
+def run_fence_worker(host: Host, scenario: Callable[[FenceWorker], Awaitable[None]]) -> list[str]:
+    """Run `scenario` with a started FenceWorker over the real backend on a real event
+    loop; close the worker (its tidy) after it, also on failure. The errors it reported."""
+    errors: list[str] = []
+
+    async def main() -> None:
+        worker = FenceWorker(Cgroup1Backend(host), lambda job, error: errors.append(error))
+        worker.start(asyncio.get_running_loop())
+        try:
+            await scenario(worker)
+        finally:
+            await asyncio.to_thread(worker.close)
+
+    asyncio.run(main())
+    return errors
+
+
+def test_fence_work_is_handed_over_once_the_callback_returns(
+    host: Host, processes: Processes
+) -> None:
+    """The thread gets a callback's fence work as one batch after the callback: it runs
+    while the loop waits for events, not beside the callback (both want the GIL)."""
+    job = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+
+    async def scenario(worker: FenceWorker) -> None:
+        worker.confine("1-2", [job.pid], frozenset({JOB_CPU}))
+        time.sleep(0.3)  # this callback goes on: the thread has nothing yet
+        assert cpuset_of(job.pid) == "/"
+        await asyncio.sleep(0)  # the callback returned: the batch is handed over
+        await asyncio.to_thread(worker.drain, 10)
+        assert cpuset_of(job.pid) == f"/{host.cgroup}/job-1-2"
+        worker.release("1-2", [])  # the daemon stops at once: the release is not lost
+
+    assert run_fence_worker(host, scenario) == []
+    assert cpuset_of(job.pid) == "/"
+    assert not (CPUSET / host.cgroup).exists()  # released at close, then tidied
+
+
+def test_a_release_is_done_with_the_next_job_or_when_the_work_is_idle(
+    host: Host, processes: Processes
+) -> None:
+    """A job's end wakes no thread: its release is done before the next batch (the next
+    job reuses its cpuset), or once the work has been idle FENCE_TIDY_AFTER, also when
+    the thread had tidied up and waits for nothing."""
+    subtree = CPUSET / host.cgroup
+    first = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    second = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+
+    async def done(worker: FenceWorker) -> None:
+        await asyncio.sleep(0)
+        await asyncio.to_thread(worker.drain, 10)
+
+    async def scenario(worker: FenceWorker) -> None:
+        worker.confine("1-2", [first.pid], frozenset({JOB_CPU}))
+        await done(worker)
+        made = (subtree / "job-1-2").stat().st_ino
+        worker.release("1-2", [])
+        worker.confine("3-4", [second.pid], frozenset({JOB_CPU}))
+        await done(worker)
+        assert cpuset_of(first.pid) == "/"  # the release came first: out, then reused
+        assert (subtree / "job-3-4").stat().st_ino == made
+        assert not (subtree / "job-1-2").exists()
+
+        worker.release("3-4", [])
+        await asyncio.sleep(0)
+        await asyncio.to_thread(wait_for, lambda: cpuset_of(second.pid) == "/", 5, "idle")
+        await asyncio.to_thread(wait_for, lambda: not subtree.exists(), 5, "tidied")
+
+        worker.confine("5-6", [first.pid], frozenset({JOB_CPU}))  # made afresh
+        await done(worker)
+        await asyncio.sleep(FENCE_TIDY_AFTER * 2)  # idle, tidied: the thread waits
+        worker.release("5-6", [])
+        await asyncio.to_thread(wait_for, lambda: cpuset_of(first.pid) == "/", 5, "woken")
+        await asyncio.to_thread(wait_for, lambda: not subtree.exists(), 5, "tidied again")
+
+    assert run_fence_worker(host, scenario) == []

@@ -71,9 +71,9 @@ class Cgroup1Backend(Backend):
         return f"cgroup1 ({self.subtree})"
 
     def confine(self, job: str, pids: Sequence[int], cpus: frozenset[int]) -> int:
-        fence = self.subtree / f"{JOB_PREFIX}{job}"
+        fence = f"{self.subtree}/{JOB_PREFIX}{job}"  # a string: see cgroupfs.move
         if self._fenced.get(job) != cpus:
-            self._fence(job, fence, cpus)
+            self._fence(job, cpus)
         inside = f"/{self.host.cgroup}/{JOB_PREFIX}{job}"
         moved = 0
         for pid in pids:
@@ -88,22 +88,22 @@ class Cgroup1Backend(Backend):
                 if self._fenced.pop(job, None) is None:
                     raise
                 self._subtree_cpus = frozenset()
-                self._fence(job, fence, cpus)
+                self._fence(job, cpus)
                 moved += cgroupfs.move(pid, fence)
         return moved
 
     def release(self, job: str, pids: Sequence[int]) -> None:
         cpus = self._fenced.pop(job, None)
-        fence = self.subtree / f"{JOB_PREFIX}{job}"
+        fence = f"{self.subtree}/{JOB_PREFIX}{job}"
         try:
             for pid in cgroupfs.procs(fence):  # what is still inside goes back
                 cgroupfs.move(pid, self.mount)
             if cpus is not None and len(self._spares) < MAX_SPARES:
                 spare = f"{SPARE_PREFIX}{next(self._serial)}"
-                fence.rename(self.subtree / spare)
+                os.rename(fence, f"{self.subtree}/{spare}")
                 self._spares[spare] = cpus
             else:
-                fence.rmdir()
+                os.rmdir(fence)
         except OSError as err:
             if err.errno not in (errno.ENOENT, errno.EBUSY):  # EBUSY: a task is still leaving
                 raise EnforcementError(f"cannot remove {fence}: {err.strerror}") from err
@@ -131,9 +131,10 @@ class Cgroup1Backend(Backend):
         unreadable one is listed with none, so that it is repaired or removed."""
         return cgroupfs.job_cgroups(self.subtree, JOB_PREFIX, "cpuset.cpus")
 
-    def _fence(self, job: str, fence: Path, cpus: frozenset[int]) -> None:
+    def _fence(self, job: str, cpus: frozenset[int]) -> None:
         """The job's cpuset with `cpus`: made (with our subtree) when missing, completed
         when half-made. A cpuset just made has nothing to read: the writes follow."""
+        fence = self.subtree / f"{JOB_PREFIX}{job}"
         wanted = format_cpulist(cpus)
         try:
             if not cpus <= self._subtree_cpus:
@@ -168,7 +169,7 @@ class Cgroup1Backend(Backend):
         spare = spare or next(iter(self._spares))
         held = self._spares.pop(spare)
         try:
-            (self.subtree / spare).rename(fence)
+            os.rename(f"{self.subtree}/{spare}", fence)
         except OSError:
             self._spares[spare] = held
             return False

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from pathlib import Path
 
 from corecapd.cpulist import CpuListError, parse_cpulist
 from corecapd.enforcement.base import EnforcementError
+from corecapd.procfs import read_bytes
 
 
 def read(path: Path) -> str:
@@ -19,17 +21,25 @@ def write(path: Path, value: str) -> None:
         file.write(value)
 
 
-def procs(cgroup: Path) -> list[int]:
+# `procs` and `move` are on the exec path's fence work: plain strings and os calls, as in
+# procfs.read_bytes (pathlib and file objects cost several times the syscalls there).
+
+
+def procs(cgroup: Path | str) -> list[int]:
     """The processes in `cgroup`; none when it is gone."""
     with contextlib.suppress(FileNotFoundError):
-        return [int(line) for line in read(cgroup / "cgroup.procs").split()]
+        return [int(pid) for pid in read_bytes(f"{cgroup}/cgroup.procs").split()]
     return []
 
 
-def move(pid: int, cgroup: Path) -> int:
+def move(pid: int, cgroup: Path | str) -> int:
     """Move the whole process (all its threads) into `cgroup`: 1, or 0 if it exited."""
     try:
-        write(cgroup / "cgroup.procs", str(pid))
+        fd = os.open(f"{cgroup}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"%d" % pid)
+        finally:
+            os.close(fd)
     except ProcessLookupError:
         return 0
     except OSError as err:
