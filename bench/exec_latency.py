@@ -568,23 +568,32 @@ class PythonFloor(Enforcer):
     def start(self) -> None:
         if not (CPUSET_V1 / "cpuset.cpus").is_file():
             raise Unavailable("n/a: no cgroup v1 cpuset hierarchy")
-        self.cpuset.mkdir(exist_ok=True)
+        for left in CPUSET_V1.glob("corecap-bench-floor-*"):  # a killed run's
+            self._remove(left)
+        self.cpuset.mkdir()
         (self.cpuset / "cpuset.cpus").write_text(str(self.cpu))
         (self.cpuset / "cpuset.mems").write_text((CPUSET_V1 / "cpuset.mems").read_text())
         super().start()
 
     def stop(self) -> None:
         super().stop()
+        self._remove(self.cpuset)
+
+    @staticmethod
+    def _remove(cpuset: Path) -> None:
+        """Move what is left inside (our children) back out, then remove it; say so when
+        that fails within 5 s (it would hide the cell's own error to raise here)."""
         deadline = time.monotonic() + 5
-        while self.cpuset.exists():
-            for pid in (self.cpuset / "cgroup.procs").read_text().split():  # ours: back out
+        while cpuset.exists():
+            for pid in (cpuset / "cgroup.procs").read_text().split():
                 with contextlib.suppress(OSError):
                     (CPUSET_V1 / "cgroup.procs").write_text(pid)
             try:
-                self.cpuset.rmdir()
-            except OSError:
+                cpuset.rmdir()
+            except OSError as err:
                 if time.monotonic() > deadline:
-                    raise
+                    print(f"  pyfloor: cannot remove {cpuset}: {err.strerror}")
+                    return
                 time.sleep(0.05)
 
 

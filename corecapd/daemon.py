@@ -135,14 +135,14 @@ class FenceWorker:
     exec events must never wait behind it (the write releases the GIL). Errors come back to
     the loop's thread.
 
-    Work is handed over in one batch once the loop's callback that made it has returned
-    (`call_soon`), so the thread runs while the loop waits for events, not beside it: two
-    threads that both want the GIL hand it back and forth (with the 0.1 ms switch interval:
-    5.5 context switches of this thread per short job, against 2.4 with batches).
+    The thread is woken once the loop's callback that made work has returned (`call_soon`),
+    and does all of it: it runs while the loop waits for events, not beside it. Two threads
+    that both want the GIL hand it back and forth (with the 0.1 ms switch interval: 5.5
+    context switches of this thread per short job, against 2.4 woken after the callback).
 
-    A job's end does not wake the thread: its release waits for the next batch (most
-    often the next job's confine: one wake-up for both) or the idle moment before tidying
-    (at most FENCE_TIDY_AFTER), meanwhile its cpuset only holds what it held.
+    A job's end wakes no one: its release waits in line for the next wake-up (most often
+    the next job's confine: one wake-up for both) or the idle moment before tidying (at
+    most FENCE_TIDY_AFTER); meanwhile its cpuset only holds what it held.
 
     A plain thread and queue, not an executor: a future per operation woke the loop for
     its result, two wake-ups per short-lived job (about 20 us each: bench/wake_cost.py)
@@ -151,10 +151,12 @@ class FenceWorker:
     def __init__(self, backend: Backend, on_error: Callable[[str, str], None]) -> None:
         self.backend = backend
         self._on_error = on_error
-        self._queue: queue.SimpleQueue[list[FenceWork] | None] = queue.SimpleQueue()
-        self._batch: list[FenceWork] = []  # made by the loop's current callback
-        self._releases: list[FenceWork] = []  # done before the thread's next work
-        self._parked = False  # the thread waits for work with nothing to tidy
+        # All work, in the order it was made; the thread takes from the left. A deque: an
+        # append and a popleft are each one step under the GIL, so nothing is lost between.
+        self._work_to_do: deque[FenceWork] = deque()
+        self._wakes: queue.SimpleQueue[bool] = queue.SimpleQueue()  # False: stop
+        self._waking = False  # a wake-up is due when the current callback returns
+        self._parked = False  # the thread waits with nothing to tidy: no timeout wakes it
         self._thread = threading.Thread(target=self._work, name="corecapd-fence", daemon=True)
         self._loop: asyncio.AbstractEventLoop  # the daemon's, from `start`: errors go there
 
@@ -164,67 +166,67 @@ class FenceWorker:
         self._thread.start()
 
     def confine(self, job: str, pids: Sequence[int], cpus: frozenset[int]) -> None:
-        self._hand_over(partial(self.backend.confine, job, tuple(pids), cpus), job)
+        self._add((partial(self.backend.confine, job, tuple(pids), cpus), job), wake=True)
 
     def release(self, job: str, pids: Sequence[int]) -> None:
-        self._releases.append((partial(self.backend.release, job, tuple(pids)), job))
-        if self._parked:  # read after the append: see `_work`
-            self._queue.put([])
+        self._add((partial(self.backend.release, job, tuple(pids)), job), wake=False)
 
     def close(self) -> str | None:
         """Finish the work handed over, then tidy up; the error, if tidying failed."""
-        self._flush()
-        self._queue.put(None)
+        self._wakes.put(False)
         self._thread.join()
         return _attempt(self.backend.tidy)
 
     def drain(self, timeout: float) -> None:
         """Wait (at most `timeout` s) until the work handed over so far is done."""
-        self._flush()
         done = threading.Event()
-        self._queue.put([(done.set, "")])
+        self._work_to_do.append((done.set, ""))
+        self._wakes.put(True)
         done.wait(timeout)
 
-    def _hand_over(self, operation: Callable[[], object], job: str) -> None:
-        if not self._batch:
-            self._loop.call_soon(self._flush)
-        self._batch.append((operation, job))
+    def _add(self, work: FenceWork, wake: bool) -> None:
+        self._work_to_do.append(work)
+        if wake and not self._waking:
+            self._waking = True
+            self._loop.call_soon(self._wake)
+        elif self._parked:  # read after the append: see `_next`
+            self._wakes.put(True)
 
-    def _flush(self) -> None:
-        batch, self._batch = self._batch, []
-        if batch:
-            self._queue.put(batch)
+    def _wake(self) -> None:
+        self._waking = False
+        self._wakes.put(True)
 
     def _work(self) -> None:
         # Tidy once idle that long after work, and after start (what a crash left).
         idle: float | None = FENCE_TIDY_AFTER
         while True:
-            batch = self._next(idle)
-            releases, self._releases = self._releases, []  # appended meanwhile: in either
-            for operation, job in releases + (batch or []):
+            woken = self._next(idle)
+            did = False
+            while self._work_to_do:
+                operation, job = self._work_to_do.popleft()
                 self._report(job, _attempt(operation))
-            if batch is None:
+                did = True
+            if woken is False:
                 return
-            if batch or releases:
+            if did:
                 idle = FENCE_TIDY_AFTER
-                continue
-            if idle is not None:  # idle that long: tidy
+            elif woken is None and idle is not None:  # idle that long: tidy
                 self._report("", _attempt(self.backend.tidy))
                 idle = None
 
-    def _next(self, idle: float | None) -> list[FenceWork] | None:
-        """The next batch (None: stop), or [] after `idle` s, or at once when a release
-        waits and nothing else will wake the thread."""
+    def _next(self, idle: float | None) -> bool | None:
+        """The next wake-up (False: stop), or None after `idle` s; at once when work waits
+        and nothing else would wake the thread."""
         if idle is not None:
             try:
-                return self._queue.get(timeout=idle)
+                return self._wakes.get(timeout=idle)
             except queue.Empty:
-                return []
-        # Flag, then look: a release appended before the look is seen here, one appended
-        # after it sees the flag and wakes the thread (statements are atomic under the GIL).
+                return None
+        # Flag, then look: work added before the look is seen here, work added after it
+        # sees the flag and wakes the thread (each statement is atomic under the GIL).
         self._parked = True
         try:
-            return [] if self._releases else self._queue.get()
+            return True if self._work_to_do else self._wakes.get()
         finally:
             self._parked = False
 
@@ -341,17 +343,17 @@ class Daemon:
                     await asyncio.wait_for(self._wake.wait(), max(timeout, 0))
         finally:
             self.reporter.notify("STOPPING=1")
-            if self.fences is not None and (error := self.fences.close()) is not None:
-                self._fence_failed("", error)
-            jobs, _ = self.table.counts()
-            self._emit(DaemonStopped(reason=self._stop_reason, jobs=jobs))
             if isinstance(self.exec_events, ProcEventSocket):
                 if self._deferred is not None:
                     self._deferred.cancel()
                 loop.remove_reader(self.exec_events.fileno())
                 loop.remove_reader(self.exec_events.deferred_fileno())
                 self.exec_events.close()
-            await self.server.stop()
+            await self.server.stop()  # before the fences close: a request may still confine
+            if self.fences is not None and (error := self.fences.close()) is not None:
+                self._fence_failed("", error)
+            jobs, _ = self.table.counts()
+            self._emit(DaemonStopped(reason=self._stop_reason, jobs=jobs))
             if self.metrics is not None:  # off the loop: a scrape may wait for a reading
                 await asyncio.to_thread(self.metrics.stop)
 

@@ -57,7 +57,8 @@ CAP_NET_ADMIN = 12
 # The initial namespaces' inode numbers (PROC_USER_INIT_INO, PROC_PID_INIT_INO): fixed ABI.
 INITIAL_NAMESPACES = {"user": "user:[4026531837]", "pid": "pid:[4026531836]"}
 RECEIVE_BUFFER = 8 << 20  # ~10,000 events: seconds of an exec storm without loss
-DEFERRED_PER_READ = 256  # forks and exits held at most by `read`: a storm's wait for its exec
+DEFERRED_PER_READ = 256  # fork and exit datagrams per `read` when no exec waits
+DEFERRED_PER_EXEC = 4096  # ... read at most before an exec: a storm's wait for its exec
 
 
 SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
@@ -219,28 +220,43 @@ class ProcEventSocket:
 
     def read(self) -> list[ProcEvent] | None:
         """The next exec datagram's events with the forks and exits that came before them,
-        in the order they happened; when no exec waits, every fork and exit that does.
-        None when nothing waits."""
+        in the order they happened; when no exec waits, the forks and exits that do (at
+        most DEFERRED_PER_READ). None when nothing waits.
+
+        Raises:
+            EventsLost: a socket's queue overflowed (what was read is kept for later).
+        """
         ready = dict(self._ready.poll(0))  # fd -> POLLIN, or POLLERR after an overflow
-        if self._others.fileno() in ready:
-            # Those already held are older than the rest: enough to merge with an exec.
-            while len(self._held) < DEFERRED_PER_READ:
-                data = _receive(self._others)
-                if data is None:
-                    break
-                self._held += parse_messages(data)
         data = _receive(self._execs) if self._execs.fileno() in ready else None
-        if data is None:
-            if not self._held:
-                return None
+        execs = [] if data is None else parse_messages(data)
+        cut = max((event.timestamp_ns for event in execs), default=None)
+        if self._others.fileno() in ready:
+            try:
+                self._drain_others(cut)
+            except EventsLost:
+                self._held = sorted(self._held + execs, key=_STAMP)
+                raise
+        if cut is None:
             events, self._held = self._held, []
-        else:
-            execs = parse_messages(data)
-            cut = max((event.timestamp_ns for event in execs), default=-1)
-            events = [event for event in self._held if event.timestamp_ns <= cut] + execs
-            self._held = [event for event in self._held if event.timestamp_ns > cut]
+            return events or None
+        events = [event for event in self._held if event.timestamp_ns <= cut] + execs
+        self._held = [event for event in self._held if event.timestamp_ns > cut]
         events.sort(key=_STAMP)
         return events
+
+    def _drain_others(self, cut: int | None) -> None:
+        """Hold the forks and exits waiting: up to the first after `cut` (the socket is in
+        order, so the rest came later too; held, never more than a datagram's beyond it)
+        or, with no exec, DEFERRED_PER_READ of them; at most DEFERRED_PER_EXEC in a storm
+        (the rest follow the exec, a moment late)."""
+        bound = DEFERRED_PER_READ if cut is None else DEFERRED_PER_EXEC
+        for _ in range(bound):
+            if cut is not None and self._held and self._held[-1].timestamp_ns > cut:
+                return
+            data = _receive(self._others)
+            if data is None:
+                return
+            self._held += parse_messages(data)
 
 
 def _receive(sock: socket.socket) -> bytes | None:

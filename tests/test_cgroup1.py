@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -14,7 +15,14 @@ import pytest
 from conftest import CPUSET, Processes, StartDaemon, remove_cgroup, wait_for
 
 from corecapd.daemon import FENCE_TIDY_AFTER, FenceWorker
-from corecapd.enforcement import AffinityBackend, Cgroup1Backend, Host, NoBackend, choose_backend
+from corecapd.enforcement import (
+    AffinityBackend,
+    Cgroup1Backend,
+    Host,
+    NoBackend,
+    cgroupfs,
+    choose_backend,
+)
 from corecapd.procfs import ProcFS, online_cpus
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -34,6 +42,13 @@ def host(marker: str) -> Iterator[Host]:
 
 def cpuset_of(pid: int) -> str:
     return Path(f"/proc/{pid}/cpuset").read_text().strip()
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def make_cpuset(path: Path) -> Path:
@@ -339,6 +354,12 @@ def test_a_release_is_done_with_the_next_job_or_when_the_work_is_idle(
         await asyncio.to_thread(worker.drain, 10)
 
     async def scenario(worker: FenceWorker) -> None:
+        worker.confine("7-8", [first.pid], frozenset({JOB_CPU}))
+        worker.release("7-8", [])  # a job that ended in the callback that placed it
+        await done(worker)
+        assert cpuset_of(first.pid) == "/"  # in order: in, then out
+        assert not (subtree / "job-7-8").exists()
+
         worker.confine("1-2", [first.pid], frozenset({JOB_CPU}))
         await done(worker)
         made = (subtree / "job-1-2").stat().st_ino
@@ -362,3 +383,36 @@ def test_a_release_is_done_with_the_next_job_or_when_the_work_is_idle(
         await asyncio.to_thread(wait_for, lambda: not subtree.exists(), 5, "tidied again")
 
     assert run_fence_worker(host, scenario) == []
+
+
+def test_release_moves_out_every_process_of_a_crowded_cpuset(host: Host) -> None:
+    """The kernel gives a page of cgroup.procs per read (~800 PIDs here): a cpuset that
+    holds more is read to the end, and every process leaves before it is kept as a spare."""
+    crowd = subprocess.Popen(
+        ["sh", "-c", "for i in $(seq 1000); do sleep 600 & done; echo ready; wait"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert crowd.stdout is not None and crowd.stdout.readline() == b"ready\n"
+        backend = Cgroup1Backend(host)
+        backend.confine("1-2", [crowd.pid], frozenset({JOB_CPU}))
+        fence = CPUSET / host.cgroup / "job-1-2"
+        sleeps = [
+            int(pid)
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and parent_of(int(pid)) == crowd.pid
+        ]
+        for pid in sleeps:  # as if each had been born inside
+            (fence / "cgroup.procs").write_text(str(pid))
+        fd = os.open(fence / "cgroup.procs", os.O_RDONLY)
+        try:
+            one_read = os.read(fd, 65536)
+        finally:
+            os.close(fd)
+        assert len(one_read.split()) < len(cgroupfs.procs(fence)) == 1001
+        backend.release("1-2", [])
+        assert all(cpuset_of(pid) == "/" for pid in [crowd.pid, *sleeps])
+    finally:
+        os.killpg(crowd.pid, signal.SIGKILL)
+        crowd.wait()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from pathlib import Path
 
 from corecapd.cpulist import CpuListError, parse_cpulist
 from corecapd.enforcement.base import EnforcementError
-from corecapd.procfs import read_bytes
 
 
 def read(path: Path) -> str:
@@ -26,10 +24,19 @@ def write(path: Path, value: str) -> None:
 
 
 def procs(cgroup: Path | str) -> list[int]:
-    """The processes in `cgroup`; none when it is gone."""
-    with contextlib.suppress(FileNotFoundError):
-        return [int(pid) for pid in read_bytes(f"{cgroup}/cgroup.procs").split()]
-    return []
+    """The processes in `cgroup`; none when it is gone. Read to the end: the kernel gives
+    a page of a cgroup file per read (~500 PIDs), however large the buffer."""
+    chunks = []
+    try:
+        fd = os.open(f"{cgroup}/cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return [int(pid) for pid in b"".join(chunks).split()]
 
 
 def move(pid: int, cgroup: Path | str) -> int:
