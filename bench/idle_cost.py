@@ -33,10 +33,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from corecapd.client import call
-from corecapd.policy import Defaults
+from corecapd.policy import DaemonSettings, Defaults
 
 TICKS = os.sysconf("SC_CLK_TCK")
-RECONCILE = 60.0  # the default reconcile_interval, s
+RECONCILE = DaemonSettings().reconcile_interval  # the default, s
 SPAWN = """
 import os, signal, sys
 for _ in range(int(sys.argv[1])):
@@ -186,7 +186,7 @@ def main() -> None:
                             socket = workdir / "corecap.sock"
                             results[events] = measure(process, socket, args.window, args.repeats)
                     on, off = results[True], results[False]
-                    average = on[0] + 100 * off[1] / RECONCILE  # one complete scan a minute
+                    average = on[0] + 100 * off[1] / RECONCILE  # one complete scan per interval
                     rows.append((host, on, off, average))
                     settling.append((host, settled[True], settled[False]))
         finally:

@@ -57,7 +57,7 @@ class DaemonSettings:
     mode: Mode = "enforce"
     backend: str = "auto"
     scan_interval: float = 1.0
-    reconcile_interval: float = 60.0
+    reconcile_interval: float = 120.0
     reserved_cpus: frozenset[int] = frozenset()
     socket: str = DEFAULT_SOCKET
     exec_events: bool = True
@@ -467,7 +467,7 @@ def _build_policy(root: _Table, source: str) -> Policy:
         mode=section.get("mode", _choice(MODES), "enforce"),  # type: ignore[arg-type]
         backend=section.get("backend", _choice(BACKENDS), "auto"),
         scan_interval=section.get("scan_interval", _seconds(0.05, 3600), 1.0),
-        reconcile_interval=section.get("reconcile_interval", _seconds(0.05, 86400), 60.0),
+        reconcile_interval=section.get("reconcile_interval", _seconds(0.05, 86400), 120.0),
         reserved_cpus=section.get("reserved_cpus", _cpus, frozenset()),
         socket=section.get("socket", _socket_path, DEFAULT_SOCKET),
         exec_events=section.get("exec_events", _boolean, True),
