@@ -236,9 +236,9 @@ class ProcEventSocket:
             except EventsLost:
                 self._held = sorted(self._held + execs, key=_STAMP)
                 raise
-        if cut is None:
+        if cut is None:  # no exec (or a datagram of none: the next may hold one)
             events, self._held = self._held, []
-            return events or None
+            return events if events or data is not None else None
         events = [event for event in self._held if event.timestamp_ns <= cut] + execs
         self._held = [event for event in self._held if event.timestamp_ns > cut]
         events.sort(key=_STAMP)
