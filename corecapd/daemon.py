@@ -208,11 +208,11 @@ class FenceWorker:
                 did = True
             if woken is False:
                 return
-            if did:
-                idle = FENCE_TIDY_AFTER
-            elif woken is None and idle is not None:  # idle that long: tidy
+            if woken is None:  # idle that long (releases waited for this): tidy now
                 self._report("", _attempt(self.backend.tidy))
                 idle = None
+            elif did:
+                idle = FENCE_TIDY_AFTER
 
     def _next(self, idle: float | None) -> bool | None:
         """The next wake-up (False: stop), or None after `idle` s; at once when work waits

@@ -343,8 +343,9 @@ def test_a_release_is_done_with_the_next_job_or_when_the_work_is_idle(
     host: Host, processes: Processes
 ) -> None:
     """A job's end wakes no thread: its release is done before the next batch (the next
-    job reuses its cpuset), or once the work has been idle FENCE_TIDY_AFTER, also when
-    the thread had tidied up and waits for nothing."""
+    job reuses its cpuset), or once the work has been idle FENCE_TIDY_AFTER, with the tidy
+    (so a job's fence is gone within that of its end), also when the thread had tidied up
+    and waits for nothing."""
     subtree = CPUSET / host.cgroup
     first = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
     second = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
@@ -370,17 +371,18 @@ def test_a_release_is_done_with_the_next_job_or_when_the_work_is_idle(
         assert (subtree / "job-3-4").stat().st_ino == made
         assert not (subtree / "job-1-2").exists()
 
-        worker.release("3-4", [])
+        worker.release("3-4", [])  # the last job: gone, subtree and all, once idle
         await asyncio.sleep(0)
-        await asyncio.to_thread(wait_for, lambda: cpuset_of(second.pid) == "/", 5, "idle")
-        await asyncio.to_thread(wait_for, lambda: not subtree.exists(), 5, "tidied")
+        bound = FENCE_TIDY_AFTER + 0.5
+        await asyncio.to_thread(wait_for, lambda: not subtree.exists(), bound, "tidied")
+        assert cpuset_of(second.pid) == "/"
 
         worker.confine("5-6", [first.pid], frozenset({JOB_CPU}))  # made afresh
         await done(worker)
         await asyncio.sleep(FENCE_TIDY_AFTER * 2)  # idle, tidied: the thread waits
         worker.release("5-6", [])
-        await asyncio.to_thread(wait_for, lambda: cpuset_of(first.pid) == "/", 5, "woken")
-        await asyncio.to_thread(wait_for, lambda: not subtree.exists(), 5, "tidied again")
+        await asyncio.to_thread(wait_for, lambda: not subtree.exists(), bound, "tidied again")
+        assert cpuset_of(first.pid) == "/"
 
     assert run_fence_worker(host, scenario) == []
 
