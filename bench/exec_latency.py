@@ -70,14 +70,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from cgrules_fixture import CgrulesFixture, FixtureError
+from cgrules_fixture import CgrulesFixture, FixtureError, cpuset_mount
 
 from corecapd import __version__ as CORECAPD_VERSION
 from corecapd.client import DaemonUnreachable, call
 from corecapd.protocol import ProtocolError
 
 REPO = Path(__file__).resolve().parent.parent
-CPUSET_V1 = Path("/sys/fs/cgroup/cpuset")
 ENFORCERS = (
     "none",
     "corecapd",
@@ -559,35 +558,38 @@ class PythonFloor(Enforcer):
         super().__init__(reaper, workdir)
         self.exe_name = exe_name
         self.cpu = cpu
-        self.cpuset = CPUSET_V1 / f"corecap-bench-floor-{tag}"
+        self.group_name = f"corecap-bench-floor-{tag}"
+        self.mount = Path()  # the cpuset hierarchy, found at `start`
 
     def command(self) -> list[str | Path]:
         script = REPO / "bench" / "python_floor.py"
-        return [sys.executable, script, self.exe_name, str(self.cpu), self.cpuset]
+        return [sys.executable, script, self.exe_name, str(self.cpu), self.mount / self.group_name]
 
     def start(self) -> None:
-        if not (CPUSET_V1 / "cpuset.cpus").is_file():
-            raise Unavailable("n/a: no cgroup v1 cpuset hierarchy")
-        for left in CPUSET_V1.glob("corecap-bench-floor-*"):  # a killed run's
+        try:
+            self.mount = cpuset_mount()
+        except FixtureError as err:
+            raise Unavailable(f"n/a: {err}") from None
+        for left in self.mount.glob("corecap-bench-floor-*"):  # a killed run's
             self._remove(left)
-        self.cpuset.mkdir()
-        (self.cpuset / "cpuset.cpus").write_text(str(self.cpu))
-        (self.cpuset / "cpuset.mems").write_text((CPUSET_V1 / "cpuset.mems").read_text())
+        cpuset = self.mount / self.group_name
+        cpuset.mkdir()
+        (cpuset / "cpuset.cpus").write_text(str(self.cpu))
+        (cpuset / "cpuset.mems").write_text((self.mount / "cpuset.mems").read_text())
         super().start()
 
     def stop(self) -> None:
         super().stop()
-        self._remove(self.cpuset)
+        self._remove(self.mount / self.group_name)
 
-    @staticmethod
-    def _remove(cpuset: Path) -> None:
+    def _remove(self, cpuset: Path) -> None:
         """Move what is left inside (our children) back out, then remove it; say so when
         that fails within 5 s (it would hide the cell's own error to raise here)."""
         deadline = time.monotonic() + 5
-        while cpuset.exists():
+        while cpuset.is_dir():
             for pid in (cpuset / "cgroup.procs").read_text().split():
                 with contextlib.suppress(OSError):
-                    (CPUSET_V1 / "cgroup.procs").write_text(pid)
+                    (self.mount / "cgroup.procs").write_text(pid)
             try:
                 cpuset.rmdir()
             except OSError as err:
@@ -978,7 +980,7 @@ def measure_enforcer(
             enforcer = Poller(reaper, workdir, exe_name, cpu)
         elif name == "pyfloor":
             enforcer = PythonFloor(reaper, workdir, exe_name, cpu, tag)
-            group = f"/{enforcer.cpuset.name}"
+            group = f"/{enforcer.group_name}"
         else:
             if shutil.which("cgrulesengd") is None:
                 return [

@@ -24,14 +24,7 @@ import threading
 import time
 
 from corecapd.proc_events import EXEC, EXIT, ProcEventSocket
-
-
-def read(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)  # no file object: cheaper (as corecapd reads /proc)
-    try:
-        return os.read(fd, 4096)
-    finally:
-        os.close(fd)
+from corecapd.procfs import read_bytes
 
 
 def main() -> None:
@@ -75,9 +68,9 @@ def main() -> None:
                 try:
                     if os.path.basename(os.readlink(f"/proc/{pid}/exe")) != name:
                         continue
-                    read(f"/proc/{pid}/status")
+                    read_bytes(f"/proc/{pid}/status")
                     os.sched_setaffinity(pid, cpus)
-                    jobs[pid] = read(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[19]
+                    jobs[pid] = read_bytes(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[19]
                 except OSError:
                     continue  # gone
                 if not batch:

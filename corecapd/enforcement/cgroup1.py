@@ -71,7 +71,7 @@ class Cgroup1Backend(Backend):
         return f"cgroup1 ({self.subtree})"
 
     def confine(self, job: str, pids: Sequence[int], cpus: frozenset[int]) -> int:
-        fence = f"{self.subtree}/{JOB_PREFIX}{job}"  # a string: see cgroupfs.move
+        fence = self._fence_path(job)
         if self._fenced.get(job) != cpus:
             self._fence(job, cpus)
         inside = f"/{self.host.cgroup}/{JOB_PREFIX}{job}"
@@ -94,7 +94,7 @@ class Cgroup1Backend(Backend):
 
     def release(self, job: str, pids: Sequence[int]) -> None:
         cpus = self._fenced.pop(job, None)
-        fence = f"{self.subtree}/{JOB_PREFIX}{job}"
+        fence = self._fence_path(job)
         try:
             for pid in cgroupfs.procs(fence):  # what is still inside goes back
                 cgroupfs.move(pid, self.mount)
@@ -134,7 +134,7 @@ class Cgroup1Backend(Backend):
     def _fence(self, job: str, cpus: frozenset[int]) -> None:
         """The job's cpuset with `cpus`: made (with our subtree) when missing, completed
         when half-made. A cpuset just made has nothing to read: the writes follow."""
-        fence = self.subtree / f"{JOB_PREFIX}{job}"
+        fence = Path(self._fence_path(job))
         wanted = format_cpulist(cpus)
         try:
             if not cpus <= self._subtree_cpus:
@@ -154,10 +154,13 @@ class Cgroup1Backend(Backend):
         except OSError as err:
             self._subtree_cpus = frozenset()  # found again, in full, next time
             raise EnforcementError(
-                f"cannot make cpuset {self.subtree}/{JOB_PREFIX}{job} with CPUs {wanted}:"
-                f" {err.strerror}"
+                f"cannot make cpuset {fence} with CPUs {wanted}: {err.strerror}"
             ) from err
         self._fenced[job] = cpus
+
+    def _fence_path(self, job: str) -> str:
+        """The job's cpuset, as a string: see cgroupfs.move."""
+        return f"{self.subtree}/{JOB_PREFIX}{job}"
 
     def _reuse_spare(self, fence: Path, cpus: frozenset[int]) -> bool:
         """Rename a spare cpuset (one with `cpus` if there is one) to `fence`, and give it
