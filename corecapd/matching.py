@@ -21,6 +21,15 @@ FIRST_REGULAR_UID = 1000
 # Seconds one `cmdline` search may take; a sound pattern takes microseconds over the 64 KiB
 # of a command line that are read (procfs.MAX_CMDLINE).
 CMDLINE_TIMEOUT = 0.005
+# Tries of a search that CMDLINE_TIMEOUT cut off. `regex` times it by the process's CPU
+# time, not wall time (measured: a SIGSTOP of 20 ms inside a 2 ms search does not cut it; a
+# thread busy in the kernel beside 1 ms searches cut 18 of 40 at a 2 ms limit), and that
+# clock can jump by milliseconds within a microsecond search: a VM's steal time, QEMU's TCG
+# running one vCPU at a time, the fence thread's cgroup writes. Such a cut is chance, and
+# the process it hit was left as matching no rule for its whole life (the VM tier's
+# corecapd missed 2 short jobs in ~200 so); a pattern that backtracks badly is cut off
+# every time.
+CMDLINE_TRIES = 2
 _PYTHON_EXE = re.compile(r"^(python|pypy)[0-9.]*[a-z]?$")
 
 
@@ -88,14 +97,18 @@ def _matches_cheaply(match: Match, identity: Identity) -> bool:
 
 
 def _cmdline_matches(pattern: regex.Pattern[str], cmdline: tuple[str, ...]) -> bool:
-    """Whether `pattern` is found in the arguments, given at most CMDLINE_TIMEOUT: a job
-    chooses its arguments, and against a pattern that backtracks badly ("(\\w+\\s?)+$")
-    some 40 of them would hold Python's `re` for hours, on the exec path. Past the
-    timeout it is no match: the process is left as no rule matched it."""
-    try:
-        return pattern.search(" ".join(cmdline), timeout=CMDLINE_TIMEOUT) is not None
-    except TimeoutError:
-        return False
+    """Whether `pattern` is found in the arguments, given at most CMDLINE_TIMEOUT per try
+    (CMDLINE_TRIES): a job chooses its arguments, and against a pattern that backtracks
+    badly ("(\\w+\\s?)+$") some 40 of them would hold Python's `re` for hours, on the exec
+    path. Past the timeout every time it is no match: the process is left as no rule
+    matched it."""
+    text = " ".join(cmdline)
+    for _ in range(CMDLINE_TRIES):
+        try:
+            return pattern.search(text, timeout=CMDLINE_TIMEOUT) is not None
+        except TimeoutError:
+            continue
+    return False
 
 
 def _user_matches(entry: str, identity: Identity) -> bool:
