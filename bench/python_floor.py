@@ -2,13 +2,13 @@
 child, run by bench/exec_latency.py as the enforcer `pyfloor`.
 
 What corecapd's exec path must do too, and nothing else: an asyncio loop under SCHED_FIFO
-(as corecapd-rt), corecapd's own netlink sockets and decoder (execs on one, forks and exits
-on the other), and per matched exec: the exe link (the match), the status file (who runs
-it), the leader's mask, the stat file (its start time: a PID alone is not a process) and a
-log line; the cgroup move on a thread of its own, handed over once the callback returns
-(the move waits out an RCU grace period, ms, that the loop must not wait for); a log line
-at the job's end. No policy, no allocation, no budget, no journal fields, no per-job
-cpuset, no ancestry.
+(as corecapd-rt), corecapd's own netlink sockets and decoder (execs on one, exits on
+another, forks on a third that wakes no one), and per matched exec: the exe link (the
+match), the status file (who runs it), the leader's mask, the stat file (its start time: a
+PID alone is not a process) and a log line; the cgroup move on a thread of its own, handed
+over once the callback returns (the move waits out an RCU grace period, ms, that the loop
+must not wait for); a log line at the job's end. No policy, no allocation, no budget, no
+journal fields, no per-job cpuset, no ancestry.
 
     python bench/python_floor.py EXE_NAME CPU CPUSET_DIR
 """

@@ -103,8 +103,8 @@ RESTART_ONLY = (
 LATENCY_SAMPLES = 10_000
 GIL_SWITCH_INTERVAL = 0.0001  # seconds; Python's default of 5 ms would dwarf the exec path
 EVENT_DATAGRAMS_PER_WAKE = 4096
-# Forks and exits closer together than EVENT_STORM_GAP (s) wait up to EVENT_DEFER (s) for a
-# wake-up (an exec takes them at once): at most 20 wake-ups a second for them in a storm.
+# Exits closer together than EVENT_STORM_GAP (s) wait up to EVENT_DEFER (s) for a wake-up
+# (an exec takes them at once): at most 20 wake-ups a second for them in a storm.
 EVENT_STORM_GAP = 0.005
 EVENT_DEFER = 0.05
 # Ancestors the exec path reads at most to find a Python process's job: shells, env,
@@ -289,6 +289,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._next_scan = 0.0
         self._deferred: asyncio.TimerHandle | None = None  # forks' and exits' turn
+        self._exes_read: dict[int, str] = {}  # PID -> exe, of the execs read and wanted
         self._last_deferred = -math.inf  # time.monotonic() of their last wake-up
 
     @property
@@ -317,7 +318,7 @@ class Daemon:
         if self.state_problem is not None:
             self._emit(StateProblem(error=self.state_problem))
         if isinstance(self.exec_events, ProcEventSocket):
-            loop.add_reader(self.exec_events.fileno(), self._on_events)
+            loop.add_reader(self.exec_events.fileno(), self._on_execs)
             loop.add_reader(self.exec_events.deferred_fileno(), self._defer_events)
         else:
             self._emit(ExecEventsUnavailable(reason=self.exec_events))
@@ -382,6 +383,9 @@ class Daemon:
         )
         self._changed_meanwhile = set()
         try:
+            # The forks waiting join their jobs, to be sampled too. Inside the scan: events
+            # lost now ask for the next one (`_rescan`), not for a scan within this one.
+            self._take_events()
             watched = None if complete else self.table.watched()
             scanning = self.scanner.scanning(self._plan.libraries, watched)
             while True:
@@ -466,12 +470,18 @@ class Daemon:
                     folded[seen.key] = seen
         return folded
 
+    def _take_events(self) -> None:
+        """Take what waits unseen: forks wake no one (ProcEventSocket), and the exits of a
+        run wait for EVENT_DEFER."""
+        if isinstance(self.exec_events, ProcEventSocket):
+            self._on_events()
+
     def _defer_events(self) -> None:
-        """A fork or exit waits. One that comes alone is taken at once (a job's end frees
-        its cores before the next exec needs them); in a run of them, less than
-        EVENT_STORM_GAP apart (a shell loop, a build), they wait up to EVENT_DEFER, or
-        for the next exec, which takes them first: their wake-ups cost more than their
-        handling (bench/wake_cost.py)."""
+        """An exit waits. One that comes alone is taken at once (a job's end frees its
+        cores before the next exec needs them), with the forks before it; in a run of
+        them, less than EVENT_STORM_GAP apart (a shell loop, a build), they wait up to
+        EVENT_DEFER, or for the next exec, which takes them first: their wake-ups cost
+        more than their handling (bench/wake_cost.py)."""
         assert isinstance(self.exec_events, ProcEventSocket)
         now = time.monotonic()
         alone = now - self._last_deferred >= EVENT_STORM_GAP
@@ -491,15 +501,33 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.exec_events.deferred_fileno(), self._defer_events)
 
-    def _on_events(self) -> None:
+    def _on_execs(self) -> None:
+        """The exec socket's reader: the forks and exits are read only before an exec that
+        may be a job's (`_wanted`); the rest wait for their own reader, or the next read."""
+        self._on_events(others=False)
+
+    def _wanted(self, pid: int) -> bool:
+        """Whether an exec may be a job's, by its program's name (an exec with no rule that
+        names it is left to scans: a job's children inherit its mask). The exe read is kept
+        for `_admit`."""
+        try:
+            exe = self.scanner.procfs.exe(pid)
+        except (ProcessGone, PermissionError):
+            return False
+        if not self.table.may_match_exe(os.path.basename(exe)):
+            return False
+        self._exes_read[pid] = exe
+        return True
+
+    def _on_events(self, others: bool = True) -> None:
         """One exec datagram at a time, with the forks and exits before it: the first exec
         is confined before the rest are read (a bound keeps a storm from starving the
-        loop; the reader fires again)."""
+        loop; the reader fires again). `others`: see ProcEventSocket.read."""
         assert isinstance(self.exec_events, ProcEventSocket)
         changed = False  # whether the core was told anything
         for _ in range(EVENT_DATAGRAMS_PER_WAKE):
             try:
-                events = self.exec_events.read()
+                events = self.exec_events.read(self._wanted, others)
             except EventsLost as err:
                 self.events_lost += 1
                 self._emit(ExecEventsLost(reason=str(err), total=self.events_lost))
@@ -557,11 +585,8 @@ class Daemon:
         then the core places it (`ExecStat`) and the masks are confirmed or corrected.
         Returns whether the core was told of it."""
         pid = event.pid
-        try:
-            exe = self.scanner.procfs.exe(pid)
-            if not self.table.may_match_exe(os.path.basename(exe)):
-                return False  # unrelated (children of jobs inherit their mask; scans enrol them)
-        except (ProcessGone, PermissionError):
+        exe = self._exes_read.pop(pid, None)  # `_wanted` read it
+        if exe is None:  # its second exec in one batch (after lost events): one is enough
             return False
         gc.disable()  # a collection now would land on the exec path; it runs right after
         try:
@@ -737,6 +762,7 @@ class Daemon:
     def handle(self, request: Request, peer: Peer) -> Any:
         if request.command == "ping":
             return {"version": __version__, "pid": os.getpid()}
+        self._take_events()  # the forks no wake-up took: a job's worker may be the caller
         if request.command == "status":
             return status_document(
                 self.table.snapshot(),

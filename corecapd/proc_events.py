@@ -14,10 +14,15 @@ classic BPF socket filter (`process_filter`) drops those in the kernel, so a job
 pools never wake the daemon. It is a dozen instructions of our own: no library builds cBPF
 for a netlink socket, and eBPF would need one (and CAP_BPF) for no gain here.
 
-Two subscriptions: execs on one socket, forks and exits on another, so that the daemon can
-let a run of forks and exits wait for one wake-up (or for the next exec, which takes them
-first, merged by the kernel's timestamps) instead of waking for each: a shell loop of
-`/bin/true` woke it 2.1-2.5 times per exec on one socket, once on two (docs/benchmarks.md).
+Three subscriptions, so that the daemon wakes only for what cannot wait: execs on one socket
+(the exec path wakes for each); exits on another, which the daemon may let wait in a run of
+them (a shell loop of `/bin/true` woke it 2.1-2.5 times per exec on one socket, once with
+the exits apart: docs/benchmarks.md); forks on a third that wakes no one. A fork matters
+only when a job's process made it, and then only to whoever next looks at the job: every
+`read` takes the forks waiting (before an exec or an exit they preceded), and the daemon
+reads before each scan and each request. Most forks on a host are of nobody's job, and each
+woke the daemon for nothing: one wake-up in four per short job (docs/benchmarks.md). Events
+from the sockets are merged by the kernel's timestamps.
 
 Loss: when the receive buffer overflows the kernel drops events and the next recv fails
 with ENOBUFS; `read` raises `EventsLost` and the caller rescans /proc. (Per-CPU sequence
@@ -33,6 +38,7 @@ import select
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -57,7 +63,7 @@ CAP_NET_ADMIN = 12
 # The initial namespaces' inode numbers (PROC_USER_INIT_INO, PROC_PID_INIT_INO): fixed ABI.
 INITIAL_NAMESPACES = {"user": "user:[4026531837]", "pid": "pid:[4026531836]"}
 RECEIVE_BUFFER = 8 << 20  # ~10,000 events: seconds of an exec storm without loss
-DEFERRED_PER_READ = 256  # fork and exit datagrams per `read` when no exec waits
+DEFERRED_PER_READ = 256  # fork (or exit) datagrams per `read` when no exec waits
 DEFERRED_PER_EXEC = 4096  # ... read at most before an exec: a storm's wait for its exec
 
 
@@ -159,27 +165,35 @@ class ProcEventSocket:
     """A non-blocking subscription to exec, exit and fork events of processes (not of
     threads: `process_filter`); needs CAP_NET_ADMIN.
 
-    Two sockets: execs on one (`fileno`: the exec path wakes for each), forks and exits on
-    the other (`deferred_fileno`: the caller may let them wait a moment and take them in a
-    batch, or with the next exec). A host's every fork and exit then stops costing a
-    wake-up of its own (~20 us each in asyncio: bench/wake_cost.py). `read` merges the two
-    in the order the kernel stamped the events."""
+    Three sockets: execs on one (`fileno`: the exec path wakes for each), exits on another
+    (`deferred_fileno`: the caller may let them wait a moment and take them in a batch, or
+    with the next exec), forks on a third that is never waited on: `read` takes them with
+    whatever it reads, and a caller that needs them (before a scan, or a request) calls
+    `read`. A host's every fork and exit then stops costing a wake-up of its own (~20 us
+    each in asyncio: bench/wake_cost.py). `read` merges the sockets in the order the kernel
+    stamped the events."""
 
     def __init__(self, receive_buffer: int = RECEIVE_BUFFER) -> None:
         _check_can_listen()
         self.filtered = kernel_filters_events()  # the kernel sends only the kinds we ask
         self._held: list[ProcEvent] = []  # forks and exits read, newer than the execs read
-        self._execs = self._subscribe(PROC_EVENT_EXEC, receive_buffer)
+        sockets: list[socket.socket] = []
         try:
-            self._others = self._subscribe(PROC_EVENT_FORK | PROC_EVENT_EXIT, receive_buffer)
+            for kind in (PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK):
+                sockets.append(self._subscribe(kind, receive_buffer))
         except OSError:
-            self._execs.close()
+            for sock in sockets:
+                sock.close()
             raise
+        self._execs, self._exits, self._forks = sockets
+        # The stamp of the newest event read from each of the others (by fd): the socket is
+        # in order, so what it still holds came later.
+        self._newest = {self._exits.fileno(): 0, self._forks.fileno(): 0}
         # Which socket holds a datagram, asked once per `read`: a recv on an empty socket
-        # raises, and reading both until each raised cost more than the events' handling.
+        # raises, and reading each until it raised cost more than the events' handling.
         self._ready = select.poll()
-        self._ready.register(self._execs, select.POLLIN)
-        self._ready.register(self._others, select.POLLIN)
+        for sock in sockets:
+            self._ready.register(sock, select.POLLIN)
 
     def _subscribe(self, kinds: int, receive_buffer: int) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
@@ -211,52 +225,71 @@ class ProcEventSocket:
         return self._execs.fileno()
 
     def deferred_fileno(self) -> int:
-        """The forks' and exits' socket: readable when one waits."""
-        return self._others.fileno()
+        """The exits' socket: readable when one waits (forks wait unseen: see the class)."""
+        return self._exits.fileno()
 
     def close(self) -> None:
-        self._execs.close()
-        self._others.close()
+        for sock in (self._execs, self._exits, self._forks):
+            sock.close()
 
-    def read(self) -> list[ProcEvent] | None:
+    def read(
+        self, wanted: Callable[[int], bool] = lambda pid: True, others: bool = True
+    ) -> list[ProcEvent] | None:
         """The next exec datagram's events with the forks and exits that came before them,
         in the order they happened; when no exec waits, the forks and exits that do (at
-        most DEFERRED_PER_READ). None when nothing waits.
+        most DEFERRED_PER_READ datagrams of each, cut where the first bound stopped). None
+        when nothing waits.
+
+        `wanted(pid)` says whether an exec matters; one that does not is dropped and the
+        forks and exits before it stay where they are, for a later read (nothing needs
+        their order then: on a host, most execs are of no job's program, and reading the
+        rest for each cost a third of its handling). `others=False`: with no exec wanted,
+        leave the forks and exits too (unless an earlier read held some, newer than its
+        exec: they go now, with what came before them), and say None when no exec waits.
 
         Raises:
             EventsLost: a socket's queue overflowed (what was read is kept for later).
         """
         ready = dict(self._ready.poll(0))  # fd -> POLLIN, or POLLERR after an overflow
         data = _receive(self._execs) if self._execs.fileno() in ready else None
-        execs = [] if data is None else parse_messages(data)
+        execs = [] if data is None else [e for e in parse_messages(data) if wanted(e.pid)]
         cut = max((event.timestamp_ns for event in execs), default=None)
-        if self._others.fileno() in ready:
-            try:
-                self._drain_others(cut)
-            except EventsLost:
-                self._held = sorted(self._held + execs, key=_STAMP)
-                raise
+        if cut is None and not others and not self._held:
+            return None if data is None else []
+        bound = DEFERRED_PER_READ if cut is None else DEFERRED_PER_EXEC
+        left: list[int] = []  # the stamps where sockets stopped with more to read
+        try:
+            for sock in (self._exits, self._forks):
+                if sock.fileno() in ready and not self._drain(sock, cut, bound):
+                    left.append(self._newest[sock.fileno()])
+        except EventsLost:
+            self._held = sorted(self._held + execs, key=_STAMP)
+            raise
         if cut is None:  # no exec (or a datagram of none: the next may hold one)
-            events, self._held = self._held, []
-            return events if events or data is not None else None
+            if not left:
+                events, self._held = sorted(self._held, key=_STAMP), []
+                return events if events or data is not None else None
+            cut = min(left)  # what the other socket read after it waits for the rest
         events = [event for event in self._held if event.timestamp_ns <= cut] + execs
         self._held = [event for event in self._held if event.timestamp_ns > cut]
         events.sort(key=_STAMP)
         return events
 
-    def _drain_others(self, cut: int | None) -> None:
-        """Hold the forks and exits waiting: up to the first after `cut` (the socket is in
-        order, so the rest came later too; held, never more than a datagram's beyond it)
-        or, with no exec, DEFERRED_PER_READ of them; at most DEFERRED_PER_EXEC in a storm
-        (the rest follow the exec, a moment late)."""
-        bound = DEFERRED_PER_READ if cut is None else DEFERRED_PER_EXEC
+    def _drain(self, sock: socket.socket, cut: int | None, bound: int) -> bool:
+        """Hold `sock`'s events waiting, up to the first after `cut` (the rest came later
+        too; held, never more than a datagram's beyond it), or `bound` datagrams (in a
+        storm: the rest follow, a moment late). Whether it stopped before the bound."""
+        fd = sock.fileno()
         for _ in range(bound):
-            if cut is not None and self._held and self._held[-1].timestamp_ns > cut:
-                return
-            data = _receive(self._others)
+            if cut is not None and self._newest[fd] > cut:
+                return True
+            data = _receive(sock)
             if data is None:
-                return
-            self._held += parse_messages(data)
+                return True
+            if events := parse_messages(data):
+                self._newest[fd] = events[-1].timestamp_ns
+                self._held += events
+        return False
 
 
 def _receive(sock: socket.socket) -> bytes | None:

@@ -11,6 +11,7 @@ import os
 import random
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -210,6 +211,37 @@ def test_a_job_that_ends_amid_a_fork_storm_ends_without_waiting_for_a_scan(
     assert daemon.job(job.pid) is None
 
 
+FORK_ON_GO = """
+import os, signal, sys
+sys.stdin.readline()
+child = os.fork()
+if child == 0:
+    signal.pause()
+    os._exit(0)
+print(child, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_jobs_fork_is_in_it_for_the_next_request(
+    start_daemon: StartDaemon, processes: Processes
+) -> None:
+    """A fork wakes no one (ProcEventSocket): a request takes in the forks waiting before it
+    answers, so a job's worker is a member for whoever asks next (a scan is 30 s off)."""
+    daemon = start_daemon(daemon=SLOW_SCANS)
+    job = processes.python(FORK_ON_GO, stdin=PIPE, stdout=PIPE)
+    assert job.stdin is not None and job.stdout is not None
+    assert daemon.wait_job(job.pid)["pids"] == [job.pid]
+    job.stdin.write(b"go\n")
+    job.stdin.flush()
+    worker = int(job.stdout.readline())
+    try:
+        status = daemon.job(job.pid)  # at once: no wait
+        assert status is not None and set(status["pids"]) == {job.pid, worker}
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 def test_lost_events_trigger_a_rescan_that_confines_what_was_missed(
     start_daemon: StartDaemon, processes: Processes, storm: Path
 ) -> None:
@@ -351,11 +383,12 @@ def test_the_kernel_drops_thread_events_before_they_reach_us() -> None:
         os.waitpid(child, 0)
         time.sleep(0.2)
         datagrams = []
-        while True:
-            try:
-                datagrams.append(events._others.recv(4096))
-            except BlockingIOError:
-                break
+        for sock in (events._forks, events._exits):
+            while True:
+                try:
+                    datagrams.append(sock.recv(4096))
+                except BlockingIOError:
+                    break
     finally:
         events.close()
     ours = [
@@ -369,11 +402,12 @@ def test_the_kernel_drops_thread_events_before_they_reach_us() -> None:
     assert not [data for data in datagrams if thread.native_id in union.unpack_from(data, 52)]
 
 
-def test_execs_wake_one_socket_and_forks_and_exits_wait_on_the_other() -> None:
-    """Execs arrive on `fileno`'s socket (the exec path wakes for each), forks and exits on
-    `deferred_fileno`'s; `read` gives them back in the order they happened: an exec with
-    the forks and exits before it, and those after it once no exec waits."""
-    from corecapd.proc_events import EXEC, EXIT, FORK, ProcEventSocket
+def test_execs_wake_one_socket_exits_wait_on_another_and_forks_wake_no_one() -> None:
+    """Execs arrive on `fileno`'s socket (the exec path wakes for each), exits on
+    `deferred_fileno`'s, forks on a socket no caller waits on; `read` gives them back in
+    the order they happened: an exec with the forks and exits before it, and those after it
+    once no exec waits."""
+    from corecapd.proc_events import EXEC, EXIT, FORK, ProcEventSocket, parse_messages
 
     events = ProcEventSocket()
     try:
@@ -389,6 +423,21 @@ def test_execs_wake_one_socket_and_forks_and_exits_wait_on_the_other() -> None:
         reads = []
         while (batch := events.read()) is not None:
             reads.append(batch)
+        # A fork alone: neither socket a caller waits on says so, and `read` has it.
+        child = os.fork()
+        if child == 0:
+            time.sleep(5)
+            os._exit(0)
+        try:
+            time.sleep(0.2)
+            woken = select.select([events.fileno(), events.deferred_fileno()], [], [], 0)[0]
+            seen = [event for fd in woken for event in parse_messages(_waiting(fd))]
+            assert child not in [event.pid for event in seen]  # others' execs and exits
+            later = events.read() or []
+            assert (FORK, child) in [(e.kind, e.pid) for e in later]
+        finally:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
     finally:
         events.close()
     got = [event for batch in reads for event in batch]
@@ -404,6 +453,69 @@ def test_execs_wake_one_socket_and_forks_and_exits_wait_on_the_other() -> None:
     assert all(
         [e.timestamp_ns for e in batch] == sorted(e.timestamp_ns for e in batch) for batch in reads
     )
+
+
+def test_an_exec_not_wanted_leaves_the_forks_and_exits_before_it_for_later() -> None:
+    """An exec `wanted` turns down is dropped, and what came before it is not read then (an
+    unrelated exec's handling is its exec alone); a later read has the fork and the exit."""
+    from corecapd.proc_events import EXEC, EXIT, FORK, ProcEventSocket
+
+    events = ProcEventSocket()
+    try:
+        while events.read() is not None:
+            pass
+        child = subprocess.Popen(["/bin/true"])
+        child.wait()
+        time.sleep(0.2)
+        asked: list[int] = []
+
+        def nobody(pid: int) -> bool:
+            asked.append(pid)
+            return False
+
+        while (batch := events.read(nobody, others=False)) is not None:
+            assert batch == []
+        assert child.pid in asked
+        later = []
+        while (batch := events.read()) is not None:
+            later += [(e.kind, e.pid) for e in batch if e.pid == child.pid]
+    finally:
+        events.close()
+    assert later == [(FORK, child.pid), (EXIT, child.pid)]
+    assert (EXEC, child.pid) not in later
+
+
+def test_what_a_wanted_exec_held_back_goes_with_the_next_read() -> None:
+    """The exit read after a wanted exec (newer than it: held back) is not left for a later
+    wake-up: the next read gives it, even one that takes no forks or exits."""
+    from corecapd.proc_events import EXEC, EXIT, ProcEventSocket
+
+    events = ProcEventSocket()
+    try:
+        while events.read() is not None:
+            pass
+        child = subprocess.Popen(["/bin/true"])
+        child.wait()
+        time.sleep(0.2)
+        reads = []
+        while (batch := events.read(lambda pid: pid == child.pid, others=False)) is not None:
+            reads.append([(e.kind, e.pid) for e in batch if e.pid == child.pid])
+    finally:
+        events.close()
+    ours = [event for batch in reads for event in batch]
+    assert ours[-2:] == [(EXEC, child.pid), (EXIT, child.pid)]
+    assert (EXIT, child.pid) not in next(batch for batch in reads if (EXEC, child.pid) in batch)
+
+
+def _waiting(fd: int) -> bytes:
+    """The datagrams waiting on the socket `fd` (not ours to close), one after another."""
+    data = b""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        while True:
+            try:
+                data += sock.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return data
 
 
 def test_a_runt_datagram_is_no_event() -> None:
