@@ -8,7 +8,8 @@ match), the status file (who runs it), the leader's mask, the stat file (its sta
 PID alone is not a process) and a log line; the cgroup move on a thread of its own, handed
 over once the callback returns (the move waits out an RCU grace period, ms, that the loop
 must not wait for); a log line at the job's end. No policy, no allocation, no budget, no
-journal fields, no per-job cpuset, no ancestry.
+journal fields, no per-job cpuset, no ancestry. A floor for matched execs only: it reads
+every fork and exit before each exec, where corecapd leaves them for an exec no rule names.
 
     python bench/python_floor.py EXE_NAME CPU CPUSET_DIR
 """

@@ -288,7 +288,8 @@ class Daemon:
         self._stop_reason = "an error in the main loop"  # until stop() says otherwise
         self._wake = asyncio.Event()
         self._next_scan = 0.0
-        self._deferred: asyncio.TimerHandle | None = None  # forks' and exits' turn
+        self._deferred: asyncio.TimerHandle | None = None  # the exits' turn
+        self._lost_in_scan = False  # events lost while a scan ran: the next one is complete
         self._exes_read: dict[int, str] = {}  # PID -> exe, of the execs read and wanted
         self._last_deferred = -math.inf  # time.monotonic() of their last wake-up
 
@@ -386,6 +387,8 @@ class Daemon:
             # The forks waiting join their jobs, to be sampled too. Inside the scan: events
             # lost now ask for the next one (`_rescan`), not for a scan within this one.
             self._take_events()
+            if self._lost_in_scan:  # lost just now (`_rescan`): this scan reads all of /proc
+                complete, self._lost_in_scan = True, False
             watched = None if complete else self.table.watched()
             scanning = self.scanner.scanning(self._plan.libraries, watched)
             while True:
@@ -404,6 +407,9 @@ class Daemon:
         else:
             self.partial_scans += 1
         self._apply(Scan(self._folded_in(processes, changed), complete), now)
+        if self._lost_in_scan:  # the core's NextScan just replaced the plan `_rescan` set
+            self._lost_in_scan = False
+            self._plan = dataclasses.replace(self._plan, complete=True)
         self._apply(Escapes(self.affinity.take_escapes()), now)
         self.scan_seconds.append(time.monotonic() - started)
         self.reporter.notify(self._status_line())
@@ -576,6 +582,7 @@ class Daemon:
         if self._changed_meanwhile is None:
             self.scan()
         else:  # the running scan may have listed /proc before the lost execs: one more
+            self._lost_in_scan = True
             self._next_scan = time.monotonic()
             self._wake.set()
 
@@ -661,6 +668,7 @@ class Daemon:
         """What a scrape shows; on the loop's thread (metrics.py says why)."""
         from corecapd.metrics import Reading
 
+        self._take_events()  # a job's forks that no wake-up took count in its CPU time
         return Reading(
             snapshot=self.table.snapshot(),
             exec_latencies_us=self.exec_latency_us,

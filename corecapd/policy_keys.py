@@ -103,8 +103,8 @@ KEYS: tuple[Key, ...] = (
         "true",
         "Find new processes the moment they exec (the kernel's netlink process connector),"
         " so that a job is confined before Python runs its first statement, and a job's"
-        " workers once they fork (taken in with the next event, scan or request); with"
-        " them, scans read only the jobs' processes"
+        " workers once they fork (taken in with the next exit, job exec, scan, request or"
+        " scrape); with them, scans read only the jobs' processes"
         " (reconcile_interval). false: every scan reads all of /proc. Takes effect at"
         " restart.",
     ),

@@ -18,11 +18,12 @@ Three subscriptions, so that the daemon wakes only for what cannot wait: execs o
 (the exec path wakes for each); exits on another, which the daemon may let wait in a run of
 them (a shell loop of `/bin/true` woke it 2.1-2.5 times per exec on one socket, once with
 the exits apart: docs/benchmarks.md); forks on a third that wakes no one. A fork matters
-only when a job's process made it, and then only to whoever next looks at the job: every
-`read` takes the forks waiting (before an exec or an exit they preceded), and the daemon
-reads before each scan and each request. Most forks on a host are of nobody's job, and each
-woke the daemon for nothing: one wake-up in four per short job (docs/benchmarks.md). Events
-from the sockets are merged by the kernel's timestamps.
+only when a job's process made it, and then only to whoever next looks at the job: a `read`
+that takes exits takes the forks waiting too, and the daemon reads before each scan,
+request and scrape. Most forks on a host are of nobody's job, and each woke the daemon for
+nothing: the loop woke 4.1-4.3 times per short job, 2.4 times with forks apart
+(docs/benchmarks.md). Events from the sockets are merged by the kernel's timestamps, up to
+the moment of the poll that found them (`read`), so that each comes before what it preceded.
 
 Loss: when the receive buffer overflows the kernel drops events and the next recv fails
 with ENOBUFS; `read` raises `EventsLost` and the caller rescans /proc. (Per-CPU sequence
@@ -38,6 +39,7 @@ import select
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable
 from operator import attrgetter
 from typing import NamedTuple
@@ -60,8 +62,13 @@ _HEADERS = _NLMSGHDR.size + _CN_MSG.size
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module does not export it
 CAP_NET_ADMIN = 12
-# The initial namespaces' inode numbers (PROC_USER_INIT_INO, PROC_PID_INIT_INO): fixed ABI.
-INITIAL_NAMESPACES = {"user": "user:[4026531837]", "pid": "pid:[4026531836]"}
+# The initial namespaces' inode numbers (PROC_USER_INIT_INO, PROC_PID_INIT_INO,
+# PROC_TIME_INIT_INO): fixed ABI; with why the events need each.
+INITIAL_NAMESPACES = {
+    "user": ("user:[4026531837]", "where the kernel sends them"),
+    "pid": ("pid:[4026531836]", "where the kernel sends them"),
+    "time": ("time:[4026531834]", "whose monotonic clock stamps them (`read` merges by it)"),
+}
 RECEIVE_BUFFER = 8 << 20  # ~10,000 events: seconds of an exec storm without loss
 DEFERRED_PER_READ = 256  # fork (or exit) datagrams per `read` when no exec waits
 DEFERRED_PER_EXEC = 4096  # ... read at most before an exec: a storm's wait for its exec
@@ -146,11 +153,13 @@ def _check_can_listen(proc: str = "/proc/self") -> None:
         effective = next(line for line in status if line.startswith("CapEff:"))
     if not int(effective.split()[1], 16) >> CAP_NET_ADMIN & 1:
         raise PermissionError(errno.EPERM, "needs CAP_NET_ADMIN")
-    for kind, initial in INITIAL_NAMESPACES.items():
-        if os.readlink(f"{proc}/ns/{kind}") != initial:
-            raise OSError(
-                errno.EPERM, f"not in the host's {kind} namespace, where the kernel sends them"
-            )
+    for kind, (initial, why) in INITIAL_NAMESPACES.items():
+        try:
+            namespace = os.readlink(f"{proc}/ns/{kind}")
+        except FileNotFoundError:  # no time namespaces before Linux 5.6: the host's clock
+            continue
+        if namespace != initial:
+            raise OSError(errno.EPERM, f"not in the host's {kind} namespace, {why}")
 
 
 def kernel_filters_events(release: str | None = None) -> bool:
@@ -176,7 +185,9 @@ class ProcEventSocket:
     def __init__(self, receive_buffer: int = RECEIVE_BUFFER) -> None:
         _check_can_listen()
         self.filtered = kernel_filters_events()  # the kernel sends only the kinds we ask
-        self._held: list[ProcEvent] = []  # forks and exits read, newer than the execs read
+        # Forks and exits read but not given yet (newer than the exec or the poll that cut
+        # the read; after EventsLost, its execs too).
+        self._held: list[ProcEvent] = []
         sockets: list[socket.socket] = []
         try:
             for kind in (PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK):
@@ -250,6 +261,10 @@ class ProcEventSocket:
         Raises:
             EventsLost: a socket's queue overflowed (what was read is kept for later).
         """
+        # The kernel stamps events with CLOCK_MONOTONIC (ktime_get_ns) before it queues
+        # them: what was stamped before this moment and is on no socket polled ready was
+        # queued after the poll, and may be older than what a ready socket gives below.
+        polled = time.monotonic_ns()
         ready = dict(self._ready.poll(0))  # fd -> POLLIN, or POLLERR after an overflow
         data = _receive(self._execs) if self._execs.fileno() in ready else None
         execs = [] if data is None else [e for e in parse_messages(data) if wanted(e.pid)]
@@ -265,15 +280,17 @@ class ProcEventSocket:
         except EventsLost:
             self._held = sorted(self._held + execs, key=_STAMP)
             raise
-        if cut is None:  # no exec (or a datagram of none: the next may hold one)
-            if not left:
-                events, self._held = sorted(self._held, key=_STAMP), []
-                return events if events or data is not None else None
-            cut = min(left)  # what the other socket read after it waits for the rest
-        events = [event for event in self._held if event.timestamp_ns <= cut] + execs
-        self._held = [event for event in self._held if event.timestamp_ns > cut]
+        # How far the forks and exits go now: no further than a socket that stopped at its
+        # bound, nor (with no exec) than the poll: a fork then its parent's exit, both
+        # after the poll, would otherwise come as the exit alone (its socket polled ready
+        # for an earlier one), the fork on a later read. An exec goes all the same.
+        stop = min([*left, polled if cut is None else cut])
+        events = [event for event in self._held if event.timestamp_ns <= stop] + execs
+        self._held = [event for event in self._held if event.timestamp_ns > stop]
         events.sort(key=_STAMP)
-        return events
+        if not events and data is None and not self._held:
+            return None
+        return events  # [] while some are held: the next read (a later poll) has them
 
     def _drain(self, sock: socket.socket, cut: int | None, bound: int) -> bool:
         """Hold `sock`'s events waiting, up to the first after `cut` (the rest came later

@@ -6,6 +6,7 @@ first statement; a control run with `exec_events = false` shows the same check f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -21,9 +22,13 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from subprocess import PIPE
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import PYTHON, Daemon, Processes, StartDaemon, wait_for
+
+if TYPE_CHECKING:
+    from corecapd.proc_events import ProcEventSocket
 
 CPUS = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs: one is reserved")
@@ -130,6 +135,21 @@ def test_without_cap_net_admin_it_says_so_once_and_scans(
     job = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
     daemon.wait_job(job.pid)  # found by scanning
     assert len(daemon.events("exec-events-unavailable")) == 1
+
+
+def test_in_a_time_namespace_of_its_own_it_says_so_and_scans(
+    start_daemon: StartDaemon, processes: Processes
+) -> None:
+    """Events are stamped with the host's monotonic clock and merged by it: a daemon whose
+    clock is offset (here 1,000 s behind) would hold forks and exits for ever."""
+    daemon = start_daemon(
+        daemon={"scan_interval": 0.1}, prefix=["unshare", "--time", "--monotonic", "-1000"]
+    )
+    state = daemon.status()["host"]["exec_events"]
+    assert state.startswith("none, scanning only: netlink process connector: not in the host's")
+    assert "time namespace" in state
+    job = processes.python("import sys; sys.stdin.read()", stdin=subprocess.PIPE)
+    daemon.wait_job(job.pid)  # found by scanning
 
 
 def test_scanning_alone_notices_an_exec_into_python(
@@ -455,10 +475,10 @@ def test_execs_wake_one_socket_exits_wait_on_another_and_forks_wake_no_one() -> 
     )
 
 
-def test_an_exec_not_wanted_leaves_the_forks_and_exits_before_it_for_later() -> None:
-    """An exec `wanted` turns down is dropped, and what came before it is not read then (an
-    unrelated exec's handling is its exec alone); a later read has the fork and the exit."""
-    from corecapd.proc_events import EXEC, EXIT, FORK, ProcEventSocket
+@contextlib.contextmanager
+def one_true_since_a_drain() -> Iterator[tuple[ProcEventSocket, subprocess.Popen[bytes]]]:
+    """A subscription read empty, then one `/bin/true` started and ended (its events wait)."""
+    from corecapd.proc_events import ProcEventSocket
 
     events = ProcEventSocket()
     try:
@@ -467,6 +487,17 @@ def test_an_exec_not_wanted_leaves_the_forks_and_exits_before_it_for_later() -> 
         child = subprocess.Popen(["/bin/true"])
         child.wait()
         time.sleep(0.2)
+        yield events, child
+    finally:
+        events.close()
+
+
+def test_an_exec_not_wanted_leaves_the_forks_and_exits_before_it_for_later() -> None:
+    """An exec `wanted` turns down is dropped, and what came before it is not read then (an
+    unrelated exec's handling is its exec alone); a later read has the fork and the exit."""
+    from corecapd.proc_events import EXEC, EXIT, FORK
+
+    with one_true_since_a_drain() as (events, child):
         asked: list[int] = []
 
         def nobody(pid: int) -> bool:
@@ -479,8 +510,6 @@ def test_an_exec_not_wanted_leaves_the_forks_and_exits_before_it_for_later() -> 
         later = []
         while (batch := events.read()) is not None:
             later += [(e.kind, e.pid) for e in batch if e.pid == child.pid]
-    finally:
-        events.close()
     assert later == [(FORK, child.pid), (EXIT, child.pid)]
     assert (EXEC, child.pid) not in later
 
@@ -488,23 +517,46 @@ def test_an_exec_not_wanted_leaves_the_forks_and_exits_before_it_for_later() -> 
 def test_what_a_wanted_exec_held_back_goes_with_the_next_read() -> None:
     """The exit read after a wanted exec (newer than it: held back) is not left for a later
     wake-up: the next read gives it, even one that takes no forks or exits."""
-    from corecapd.proc_events import EXEC, EXIT, ProcEventSocket
+    from corecapd.proc_events import EXEC, EXIT
 
-    events = ProcEventSocket()
-    try:
-        while events.read() is not None:
-            pass
-        child = subprocess.Popen(["/bin/true"])
-        child.wait()
-        time.sleep(0.2)
+    with one_true_since_a_drain() as (events, child):
         reads = []
         while (batch := events.read(lambda pid: pid == child.pid, others=False)) is not None:
             reads.append([(e.kind, e.pid) for e in batch if e.pid == child.pid])
-    finally:
-        events.close()
     ours = [event for batch in reads for event in batch]
     assert ours[-2:] == [(EXEC, child.pid), (EXIT, child.pid)]
     assert (EXIT, child.pid) not in next(batch for batch in reads if (EXEC, child.pid) in batch)
+
+
+def test_a_fork_comes_before_its_parents_exit_however_the_reads_fall() -> None:
+    """Forks and exits come on two sockets, merged by their stamps up to the read's poll: a
+    process's fork of a child comes before its own exit however the reads fall amid a storm
+    of them (a shell that forks and exits at once, again and again). The storm seldom hits
+    the moment between a read's poll and its receives; unmerged sockets fail at once."""
+    from corecapd.proc_events import EXIT, FORK, ProcEventSocket
+
+    events = ProcEventSocket()
+    storm = subprocess.Popen(["sh", "-c", "while :; do sh -c 'true & exit'; done"])
+    exited: set[int] = set()
+    forks = 0
+    late = []  # forks given after their parent's exit
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for event in events.read() or []:
+                if event.kind is FORK:
+                    forks += 1
+                    exited.discard(event.pid)  # a PID used again starts with its fork
+                    if event.parent in exited:
+                        late.append(event)
+                elif event.kind is EXIT:
+                    exited.add(event.pid)
+    finally:
+        storm.kill()
+        storm.wait()
+        events.close()
+    assert forks > 300, "the storm hardly ran"
+    assert late == []
 
 
 def _waiting(fd: int) -> bytes:
