@@ -21,7 +21,7 @@ the exits apart: docs/benchmarks.md); forks on a third that wakes no one. A fork
 only when a job's process made it, and then only to whoever next looks at the job: a `read`
 that takes exits takes the forks waiting too, and the daemon reads before each scan,
 request and scrape. Most forks on a host are of nobody's job, and each woke the daemon for
-nothing: the loop woke 4.1-4.3 times per short job, 2.4 times with forks apart
+nothing: the loop woke 3.8-4.3 times per short job, 2.2-2.4 times with forks apart
 (docs/benchmarks.md). Events from the sockets are merged by the kernel's timestamps, up to
 the moment of the poll that found them (`read`), so that each comes before what it preceded.
 
