@@ -289,7 +289,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._next_scan = 0.0
         self._deferred: asyncio.TimerHandle | None = None  # the exits' turn
-        self._lost_in_scan = False  # events lost while a scan ran: the next one is complete
+        self._lost_in_scan = False  # events lost while a scan read: the next one is complete
         self._exes_read: dict[int, str] = {}  # PID -> exe, of the execs read and wanted
         self._last_deferred = -math.inf  # time.monotonic() of their last wake-up
 
@@ -377,18 +377,17 @@ class Daemon:
         # Exec events that come in while a scan reads /proc (tens of ms with thousands of
         # processes) are handled at once, as between scans; `_folded_in` reconciles.
         events_on = isinstance(self.exec_events, ProcEventSocket)
-        complete = (
-            not events_on
-            or self._plan.complete
-            or started - self._reconciled_at >= daemon.reconcile_interval
-        )
         self._changed_meanwhile = set()
         try:
             # The forks waiting join their jobs, to be sampled too. Inside the scan: events
-            # lost now ask for the next one (`_rescan`), not for a scan within this one.
+            # lost now ask for a complete one (`_rescan`), this one, not one within it.
             self._take_events()
-            if self._lost_in_scan:  # lost just now (`_rescan`): this scan reads all of /proc
-                complete, self._lost_in_scan = True, False
+            complete = (
+                not events_on
+                or self._plan.complete
+                or started - self._reconciled_at >= daemon.reconcile_interval
+            )
+            self._lost_in_scan = False  # from here on, a loss asks for the next scan
             watched = None if complete else self.table.watched()
             scanning = self.scanner.scanning(self._plan.libraries, watched)
             while True:
@@ -408,7 +407,6 @@ class Daemon:
             self.partial_scans += 1
         self._apply(Scan(self._folded_in(processes, changed), complete), now)
         if self._lost_in_scan:  # the core's NextScan just replaced the plan `_rescan` set
-            self._lost_in_scan = False
             self._plan = dataclasses.replace(self._plan, complete=True)
         self._apply(Escapes(self.affinity.take_escapes()), now)
         self.scan_seconds.append(time.monotonic() - started)

@@ -177,9 +177,9 @@ class ProcEventSocket:
     Three sockets: execs on one (`fileno`: the exec path wakes for each), exits on another
     (`deferred_fileno`: the caller may let them wait a moment and take them in a batch, or
     with the next exec), forks on a third that is never waited on: `read` takes them with
-    whatever it reads, and a caller that needs them (before a scan, or a request) calls
-    `read`. A host's every fork and exit then stops costing a wake-up of its own (~20 us
-    each in asyncio: bench/wake_cost.py). `read` merges the sockets in the order the kernel
+    the exits, and a caller that needs them (before a scan, or a request) calls `read`. A
+    host's every fork and exit then stops costing a wake-up of its own (~20 us each in
+    asyncio: bench/wake_cost.py). `read` merges the sockets in the order the kernel
     stamped the events."""
 
     def __init__(self, receive_buffer: int = RECEIVE_BUFFER) -> None:
