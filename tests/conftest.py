@@ -34,6 +34,15 @@ settings.register_profile("corecap", deadline=None)
 settings.load_profile("corecap")
 
 
+def sitecustomize_env(tmp_path: Path, source: str) -> dict[str, str]:
+    """The environment for a daemon that runs `source` as its sitecustomize (a fault
+    injected into the real daemon): PYTHONPATH with it first."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(source)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CPUSET, Processes, StartDaemon, remove_cgroup, wait_for
+from conftest import CPUSET, Processes, StartDaemon, remove_cgroup, sitecustomize_env, wait_for
 
 from corecapd.daemon import FENCE_TIDY_AFTER, FenceWorker
 from corecapd.enforcement import (
@@ -331,11 +331,8 @@ def test_a_job_whose_cmdline_search_was_cut_off_by_chance_is_still_placed(
     matched, the process left alone for good. Born in a cpuset someone else set (as a job
     in the VM's cgroup v2, where the cpuset controller is on for system.slice), the job is
     matched once on the exec path, by `admit`, not ahead of it."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(f"MARKER = {marker!r}\n{CUT_OFF_ONCE}")
-    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
-    daemon = start_daemon(env={"PYTHONPATH": path}, daemon={"backend": "cgroup1"})
+    hook = sitecustomize_env(tmp_path, f"MARKER = {marker!r}\n{CUT_OFF_ONCE}")
+    daemon = start_daemon(env=hook, daemon={"backend": "cgroup1"})
     job = processes.python(
         "import sys; sys.stdin.read()", stdin=subprocess.PIPE, preexec_fn=enter(outer_cpuset)
     )

@@ -25,7 +25,7 @@ from subprocess import PIPE
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PYTHON, Daemon, Processes, StartDaemon, wait_for
+from conftest import PYTHON, Daemon, Processes, StartDaemon, sitecustomize_env, wait_for
 
 if TYPE_CHECKING:
     from corecapd.proc_events import ProcEventSocket
@@ -354,15 +354,13 @@ def test_events_lost_inside_a_partial_scan_make_the_next_scan_complete(
     a complete scan right after it: the scan's own plan for the next one (partial) must not
     replace the rescan the loss asked for, or what was missed waits for the reconcile
     interval (an hour here)."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
     pause, paused, go = (tmp_path / name for name in ("pause", "paused", "go"))
-    (hook / "sitecustomize.py").write_text(
-        f"PAUSE, PAUSED, GO = {str(pause)!r}, {str(paused)!r}, {str(go)!r}\n{LOSE_INSIDE_A_SCAN}"
+    hook = sitecustomize_env(
+        tmp_path,
+        f"PAUSE, PAUSED, GO = {str(pause)!r}, {str(paused)!r}, {str(go)!r}\n{LOSE_INSIDE_A_SCAN}",
     )
-    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
     daemon = start_daemon(
-        env={"PYTHONPATH": path},
+        env=hook,
         daemon=SLOW_SCANS | {"scan_interval": 0.2, "reconcile_interval": 3600.0},
     )
     job = processes.python("import sys; sys.stdin.read()", stdin=PIPE)  # scans watch it
