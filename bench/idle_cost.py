@@ -83,7 +83,10 @@ def idle_processes(count: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def daemon(workdir: Path, marker: str, events: bool) -> Iterator[subprocess.Popen[bytes]]:
+def daemon(
+    workdir: Path, marker: str, events: bool, settings: str = ""
+) -> Iterator[subprocess.Popen[bytes]]:
+    """corecapd with `settings` (TOML lines) added to its [daemon] table."""
     state = workdir / "state"
     state.mkdir(mode=0o700, exist_ok=True)
     socket = workdir / "corecap.sock"
@@ -97,6 +100,7 @@ reserved_cpus = ""
 exec_events = {str(events).lower()}
 socket = "{socket}"
 state_dir = "{state}"
+{settings}
 [[rules]]
 name = "bench"
 match = {{ cmdline = "{marker}", users = ["root"] }}

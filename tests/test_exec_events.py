@@ -40,7 +40,8 @@ SLOW_SCANS = {"scan_interval": 30.0, "reserved_cpus": str(CPUS[0]), "realtime_pr
 # daemon kept a CPU 86-91% busy. A SCHED_FIFO task that starves the tasks beside it that long
 # is preempted for them by the kernel (RT throttling; the fair server since Linux 6.12): its
 # loop thread was preempted 57 times in 6 s under load (nonvoluntary_ctxt_switches; once at
-# 150 ms), reads inside a scan stalled 17-33 ms, and execs waited that long to be confined.
+# 150 ms), reads inside a scan stalled 17-33 ms, and execs waited that long to be confined
+# (bench/rt_preemption.py shows it with sleeps).
 EVERY_SCAN_COMPLETE = {"scan_interval": 0.1, "reconcile_interval": 0.1}
 
 # The child's first statement: what its mask is before any Python code of ours ran.
