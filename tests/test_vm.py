@@ -22,6 +22,7 @@ from test_deb import build_deb
 
 VM_SH = Path(__file__).parent / "vm" / "vm.sh"
 CANNOT = 77  # vm.sh: this machine cannot run the VM tier; the reason is its last stderr line
+PANIC_RETRIED = "the guest kernel panicked"  # vm.sh's line when it boots a second time
 # vm.sh's backstop for one boot-run-poweroff; its real budget follows progress (a boot budget,
 # then a bound on silence between the guest's per-test lines), see tests/vm/vm.sh.
 VM_TIMEOUT = int(os.environ.get("CORECAP_VM_TIMEOUT", "3600"))
@@ -88,11 +89,16 @@ def test_guest_suite_passes_in_the_vm(
     deb = build_deb(tmp_path)  # for guest_deb.py: `apt install` in the guest, then purge
     print(f"--- build-deb.sh: {deb.seconds:.1f} s ---")
     files = {"CORECAP_VM_FILES": str(deb.deb)}
-    rc, out, err, run_s = vm_sh("run", GUEST_PYTEST, timeout=VM_TIMEOUT + 60, env=files)
+    # two boots at most: vm.sh boots once more after a guest kernel panic
+    rc, out, err, run_s = vm_sh("run", GUEST_PYTEST, timeout=2 * VM_TIMEOUT + 60, env=files)
     print(f"--- guest output ---\n{out}--- vm.sh run: exit {rc}, boot+run {run_s:.1f} s ---\n{err}")
-    with capsys.disabled():  # the timings show in every run's output, captured or not
+    panics = [line for line in err.splitlines() if PANIC_RETRIED in line]
+    with capsys.disabled():  # the timings and any panic show in every run's output
         print(f"\nVM tier wall time: build {build_s:.1f} s, boot+run {run_s:.1f} s")
+        for line in panics:
+            print(line)
     record_property("vm_boot_run_seconds", round(run_s, 1))
+    record_property("vm_guest_panics", len(panics))
     skip_if_cannot(rc, err)
     assert rc == 0, f"guest tests failed (exit {rc}); guest output above:\n{out[-4000:]}\n{err}"
     assert " passed" in out and "skipped" not in out.splitlines()[-1], out[-2000:]
@@ -156,3 +162,61 @@ def test_vm_budget_has_a_backstop_for_the_whole_run(tmp_path: Path) -> None:
     reason, _, alive = watch(tmp_path, guest, STALL_TIMEOUT=60, TIMEOUT=5)
     assert not alive
     assert "passed CORECAP_VM_TIMEOUT=5 s" in reason
+
+
+# A stand-in for QEMU in vm.sh's run(): boot N does the Nth word of $PLAN to the control dir
+# ($1) and the console (-serial file:...), as the guest would.
+STAND_IN = r"""
+ctl=$1; shift
+for a; do case $a in file:*) console=${a#file:} ;; esac; done
+n=$(( $(cat boots 2>/dev/null || echo 0) + 1 )); echo $n > boots
+touch "$ctl/started"; echo "boot $n: collecting ..." >> "$ctl/run.log"
+case $(echo $PLAN | cut -d' ' -f$n) in
+  panic) echo '[   40.5] Kernel panic - not syncing: Fatal exception in interrupt' > "$console" ;;
+  exit) echo '[   40.5] reboot: Power down' > "$console" ;;
+  pass) echo "boot $n: 1 passed" >> "$ctl/run.log"; echo 0 > "$ctl/rc" ;;
+  fail) echo "boot $n: 1 failed" >> "$ctl/run.log"; echo 1 > "$ctl/rc" ;;
+esac
+"""
+
+
+def run_planned(tmp_path: Path, plan: str) -> tuple[int, str, str, int]:
+    """vm.sh's run() with QEMU stood in for by STAND_IN following `plan` (a word per boot):
+    (its exit code, stdout, stderr, how many boots it made)."""
+    (tmp_path / "stand_in.sh").write_text(STAND_IN)
+    script = (
+        f'source "{VM_SH}"; build() {{ :; }};'
+        f' qemu_cmd() {{ ACCEL=(); QEMU=(sh "{tmp_path}/stand_in.sh" "$1"); }}; run "true"'
+    )
+    env = {**os.environ, "PLAN": plan, "CORECAP_VM_DIR": str(tmp_path / "vm")}
+    (tmp_path / "vm").mkdir()
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    return done.returncode, done.stdout, done.stderr, int((tmp_path / "boots").read_text())
+
+
+def test_vm_run_boots_once_more_after_a_guest_kernel_panic(tmp_path: Path) -> None:
+    rc, out, err, boots = run_planned(tmp_path, "panic pass")
+    assert (rc, boots) == (0, 2), err
+    assert "boot 1: collecting" in out and "boot 2: 1 passed" in out
+    assert err.count(PANIC_RETRIED) == 1
+    kept = tmp_path / "vm" / "panic-console.log"
+    assert "Kernel panic" in kept.read_text()
+    assert f"(console: {kept})" in err
+
+
+def test_vm_run_fails_when_the_guest_kernel_panics_twice(tmp_path: Path) -> None:
+    rc, _, err, boots = run_planned(tmp_path, "panic panic pass")
+    assert (rc, boots) == (125, 2), err
+    assert err.count(PANIC_RETRIED) == 1
+    assert "Kernel panic - not syncing" in err.splitlines()[-2]  # the console's tail
+
+
+@pytest.mark.parametrize(("plan", "code"), [("fail pass", 1), ("exit pass", 125)])
+def test_vm_run_takes_a_failure_that_is_no_panic_at_once(
+    tmp_path: Path, plan: str, code: int
+) -> None:
+    rc, _, err, boots = run_planned(tmp_path, plan)
+    assert (rc, boots) == (code, 1), err
+    assert PANIC_RETRIED not in err

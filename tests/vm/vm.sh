@@ -10,8 +10,9 @@
 #
 # Exit codes: run gives CMD's; 77 = this machine cannot do it (the reason is the last line on
 # stderr: not root, apt unavailable, Debian mirror unreachable, no usable QEMU); 125 = the VM
-# failed or ran out of its time budget (below). Needs root. Host tools (qemu-system-x86, debootstrap) are
-# installed with apt-get when missing.
+# failed or ran out of its time budget (below). A guest kernel panic before the command
+# finished gets one more boot (run(), below). Needs root. Host tools (qemu-system-x86,
+# debootstrap) are installed with apt-get when missing.
 #
 # Time budget: it follows progress, not one wall for all (machines differ 2x in speed here, and
 # a loaded one took 300 s for 42% of the guest suite). A run is ended, with the reason, when
@@ -19,7 +20,8 @@
 #   - the command has printed nothing for CORECAP_VM_STALL_TIMEOUT s (600): the guest pytest
 #     prints a line per test, so this is a bound per test, above the guest's own per-test
 #     timeout (pytest-timeout, which names the test and shows where it hung),
-#   - or the whole boot-run-poweroff passed CORECAP_VM_TIMEOUT s (3600), a backstop only.
+#   - or the whole boot-run-poweroff passed CORECAP_VM_TIMEOUT s (3600), a backstop only
+#     (per boot).
 # Other settings: CORECAP_VM_DIR (cache, default /var/tmp/corecap-vm), CORECAP_VM_ACCEL
 # (auto|kvm|tcg), CORECAP_VM_SMP (2), CORECAP_VM_MEM (MiB, 2048), CORECAP_VM_MIRROR,
 # CORECAP_VM_SRC (the shared checkout), CORECAP_VM_FILES (host files, space-separated, that
@@ -276,15 +278,11 @@ watch_progress() {
   done
 }
 
-run() {  # $1 = shell command(s), run as root in the guest from /mnt/src
-  build
-  local dir rc=0 t0 t1 started why
-  dir=$(mktemp -d "$VMDIR/run.XXXXXX")
-  TMP_DIRS+=("$dir")
-  mkdir "$dir/ctl"
-  printf '%s\n' "$1" >"$dir/ctl/run.sh"
-  local f
-  for f in ${CORECAP_VM_FILES:-}; do cp "$f" "$dir/ctl/"; done  # the guest's /mnt/ctl
+# One boot, running the command in $1/ctl/run.sh (the guest's /mnt/ctl). Prints the command's
+# output, logs the timings; sets BOOT_WHY (why the watchdog ended it, or empty).
+BOOT_WHY=''
+boot() {
+  local dir=$1 rc=0 t0 t1 started
   qemu_cmd "$dir/ctl" ''
   log "boot [${ACCEL[*]}, -smp $SMP]; budget: boot ${BOOT_TIMEOUT} s, silence ${STALL_TIMEOUT} s, all ${TIMEOUT} s"
   t0=$(date +%s.%N)
@@ -292,7 +290,7 @@ run() {  # $1 = shell command(s), run as root in the guest from /mnt/src
   setsid -w env TMPDIR="$dir" "${QEMU[@]}" -display none \
     -monitor none -serial "file:$dir/console.log" </dev/null &
   CHILD=$!
-  why=$(watch_progress "$CHILD" "$dir/ctl")
+  BOOT_WHY=$(watch_progress "$CHILD" "$dir/ctl")
   wait "$CHILD" || rc=$?
   CHILD=''
   t1=$(date +%s.%N)
@@ -301,16 +299,40 @@ run() {  # $1 = shell command(s), run as root in the guest from /mnt/src
   started=$(stat -c %.9Y "$dir/ctl/started" 2>/dev/null || echo "$t1")
   log "$(awk -v a="$t0" -v s="$started" -v b="$t1" 'BEGIN {
     printf "boot->command %.1f s, command->poweroff %.1f s, total %.1f s", s-a, b-s, b-a}')"
-  if [[ -n $why ]]; then
-    log "ended: $why; console: $VMDIR/last-console.log"
+  [[ -n $BOOT_WHY || -f $dir/ctl/rc ]] ||
+    log "qemu exited $rc before the command finished"
+}
+
+# Boots at most twice: a second time only when the guest kernel panicked before the command
+# finished. Under TCG the trixie kernel has panicked so with nothing of ours in the trace (CI,
+# 2026-12-01: "Fatal exception in interrupt" in __kmalloc_node_noprof, EFLAGS fffa57c2, 4 s
+# into the guest pytest's collection, before any test ran): the emulator's fault, and a whole
+# CI run lost to it. Each boot is fresh (snapshot=on disk, new control dir). Any other end, a
+# test's failure, a hang or a budget, is the run's result at once.
+run() {  # $1 = shell command(s), run as root in the guest from /mnt/src
+  build
+  local dir try f
+  for try in 1 2; do
+    dir=$(mktemp -d "$VMDIR/run.XXXXXX")
+    TMP_DIRS+=("$dir")
+    mkdir "$dir/ctl"
+    printf '%s\n' "$1" >"$dir/ctl/run.sh"
+    for f in ${CORECAP_VM_FILES:-}; do cp "$f" "$dir/ctl/"; done
+    boot "$dir"
+    if [[ -n $BOOT_WHY ]]; then
+      log "ended: $BOOT_WHY; console: $VMDIR/last-console.log"
+      return 125
+    fi
+    [[ -f $dir/ctl/rc ]] && return "$(cat "$dir/ctl/rc")"
+    tail -n 30 "$dir/console.log" >&2 || true
+    if ((try == 1)) && grep -q 'Kernel panic - not syncing' "$dir/console.log" 2>/dev/null; then
+      cp "$dir/console.log" "$VMDIR/panic-console.log"
+      log "the guest kernel panicked (console: $VMDIR/panic-console.log); booting once more"
+      continue
+    fi
+    log "console: $VMDIR/last-console.log"
     return 125
-  fi
-  if [[ ! -f $dir/ctl/rc ]]; then
-    tail -n 30 "$VMDIR/last-console.log" >&2 || true
-    log "qemu exited $rc before the command finished; console: $VMDIR/last-console.log"
-    return 125
-  fi
-  return "$(cat "$dir/ctl/rc")"
+  done
 }
 
 # Sourced (tests/test_vm.py tests the watchdog alone): the functions only.
