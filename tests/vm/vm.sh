@@ -304,11 +304,11 @@ boot() {
 }
 
 # Boots at most twice: a second time only when the guest kernel panicked before the command
-# finished. Under TCG the trixie kernel has panicked so with nothing of ours in the trace (CI,
-# 2026-12-01: "Fatal exception in interrupt" in __kmalloc_node_noprof, EFLAGS fffa57c2, 4 s
-# into the guest pytest's collection, before any test ran): the emulator's fault, and a whole
-# CI run lost to it. Each boot is fresh (snapshot=on disk, new control dir). Any other end, a
-# test's failure, a hang or a budget, is the run's result at once.
+# finished. Under TCG the trixie guest kernel has panicked with nothing of ours in the trace
+# (CI, 2026-12-01: "Fatal exception in interrupt" in __kmalloc_node_noprof, 4 s into the guest
+# pytest's collection, before any test ran; EFLAGS fffa57c2, corrupt, points at the emulator):
+# no test's fault, and a whole CI run lost to it. Each boot is fresh (snapshot=on disk, new
+# control dir). Any other end, a test's failure, a hang or a budget, is the run's result at once.
 run() {  # $1 = shell command(s), run as root in the guest from /mnt/src
   build
   local dir try f
@@ -335,7 +335,7 @@ run() {  # $1 = shell command(s), run as root in the guest from /mnt/src
   done
 }
 
-# Sourced (tests/test_vm.py tests the watchdog alone): the functions only.
+# Sourced (tests/test_vm.py tests the watchdog and run() with a stand-in QEMU): the functions only.
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 
 case ${1:-} in
