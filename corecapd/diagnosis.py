@@ -102,9 +102,8 @@ class LayerFinding:
         return self.expected is not None and self.threads > self.expected
 
     def hint(self) -> str:
-        where = f" in {self.processes} processes" if self.processes > 1 else ""
         return (
-            f"{self.name} of {self.threads} threads{where} on {self.expected} CPUs"
+            f"{self.name} of {self.threads} threads{_in_processes(self)} on {self.expected} CPUs"
             f" ({self.evidence}): {self.fix}"
         )
 
@@ -114,7 +113,8 @@ class LayerFinding:
 
 @dataclass(frozen=True)
 class Diagnosis:
-    hints: tuple[str, ...]  # oversized layers first, then the quota, then what was declared
+    hints: tuple[str, ...]  # oversized layers, the quota, the widest unchecked layer, unknown
+    # threads, then what the job reported and declared
     layers: tuple[LayerFinding, ...]  # every layer seen, checked ones first
     facts: JobFacts
     evidence: Evidence
@@ -232,6 +232,13 @@ def diagnose(facts: JobFacts, evidence: Evidence) -> Diagnosis:
     hints = [finding.hint() for finding in oversized]
     if quota is not None and quota_limits:
         hints.append(_quota_hint(quota, evidence.mask_cpus, oversized))
+    widest = _widest_unchecked(findings)
+    if widest is not None and not oversized and facts.threads > facts.budget:
+        hints.append(
+            f"the widest layer: {widest.name}, {widest.threads} of the job's {facts.threads}"
+            f" threads{_in_processes(widest)} ({widest.evidence}); no setting sizes it from"
+            " the CPUs: the job's code, or the library that starts them, decides how many"
+        )
     unknown = [finding for finding in findings if finding.layer == UNKNOWN]
     if unknown:
         hints.append(
@@ -240,6 +247,22 @@ def diagnose(facts: JobFacts, evidence: Evidence) -> Diagnosis:
         )
     hints += _pool_hints(facts)
     return Diagnosis(tuple(hints), tuple(findings), facts, evidence)
+
+
+def _in_processes(finding: LayerFinding) -> str:
+    return f" in {finding.processes} processes" if finding.processes > 1 else ""
+
+
+def _widest_unchecked(findings: list[LayerFinding]) -> LayerFinding | None:
+    """The widest layer no setting sizes (python-threading, tf.data's iterators, other
+    native threads), when it is wider than every checked one; never `main` or `unknown`
+    (that has a hint of its own)."""
+    unchecked = [f for f in findings if f.expected is None and f.layer not in ("main", UNKNOWN)]
+    if not unchecked:
+        return None
+    widest = max(unchecked, key=lambda finding: finding.threads)
+    checked = [f.threads for f in findings if f.expected is not None]
+    return widest if widest.threads > max(checked, default=0) else None
 
 
 def quota_cpus(quota: Quota) -> int:

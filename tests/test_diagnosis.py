@@ -99,6 +99,25 @@ def test_unknown_threads_are_reported_as_unknown_never_as_a_layer() -> None:
     assert diagnosis.summary().startswith("40 threads of unknown layer")
 
 
+def test_over_budget_with_no_layer_oversized_names_the_widest_unchecked_layer() -> None:
+    found = [thread("main"), *threads(20, "python-threading", library="libpython3.11.so")]
+    over = replace(facts(1), threads=21, budget=14, tensorflow=False)
+    diagnosis = diagnose(over, evidence(found))
+    assert not diagnosis.oversized
+    assert diagnosis.summary().startswith(
+        "the widest layer: python-threading, 20 of the job's 21 threads (start routine in"
+        " libpython3.11.so); no setting sizes it from the CPUs"
+    )
+    within = replace(over, threads=14)
+    assert not any("widest" in hint for hint in diagnose(within, evidence(found)).hints)
+    # a checked layer at least as wide, even within its grant, is no "widest unchecked" one
+    wide_pool = [*found, *threads(20, "tf-intra-op", library=TF)]
+    on_20 = diagnose(replace(over, cpus=20), evidence(wide_pool, 20))
+    assert not on_20.oversized and not any("widest" in hint for hint in on_20.hints)
+    # and an oversized layer is the diagnosis, with nothing else ahead of it
+    assert diagnose(over, evidence(wide_pool)).summary().startswith("TensorFlow intra-op pool")
+
+
 def test_a_declared_size_is_what_the_layer_is_held_to() -> None:
     settings = Settings(cpus=2, intra_op=4, inter_op=1, data_workers=1, blas=1)
     found = [*threads(4, "tf-intra-op", library=TF), *threads(2, "tf-inter-op", library=TF)]

@@ -97,6 +97,35 @@ def test_a_tf_data_private_pool_of_16_on_one_cpu_is_diagnosed_as_that_pool(
     job.kill()
 
 
+THREADS_20 = """
+import sys, threading
+done = threading.Event()
+for _ in range(20):
+    threading.Thread(target=done.wait, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_job_over_budget_on_threads_no_setting_sizes_is_told_its_widest_layer(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(
+        daemon={"reserved_cpus": str(CPUS[0])}, rules=marked_rule(marker, "threads", cpus=1)
+    )
+    job = processes.python(THREADS_20, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=CLEAN)
+    assert job.stdout is not None and job.stdout.readline() == b"ready\n"
+    onset = daemon.wait_event("violation-started", timeout=60, pid=str(job.pid))
+    assert int(onset["threads"]) == 21 and int(onset["budget"]) < 21
+    assert onset["diagnosis"].startswith(
+        "the widest layer: python-threading, 20 of the job's 21 threads ("
+    ), onset["diagnosis"]
+    assert "no setting sizes it from the CPUs" in onset["diagnosis"]
+    explained = daemon.call("explain", pid=job.pid)
+    assert explained["hints"][0] == onset["diagnosis"]
+    job.kill()
+
+
 KMEANS = """
 import os, time
 deadline = time.monotonic() + 20
