@@ -197,10 +197,10 @@ def register(
         running = _tensorflow_pools_now() or {}
         declaration = dataclasses.replace(declaration, **running)
     path = socket or os.environ.get("CORECAP_SOCKET") or DEFAULT_SOCKET
-    granted, notes, daemon = _ask_daemon(Path(path), declaration, initialized, pin_standalone)
+    granted, notes, daemon, pin = _ask_daemon(Path(path), declaration, initialized, pin_standalone)
     settings = resolve(declaration, len(granted))
     plan = Plan(granted, settings, notes, daemon, initialized, running)
-    _apply(plan, pin=daemon is not None or pin_standalone)
+    _apply(plan, pin=pin)
     if running:
         message = (
             "corecapd.register was called after TensorFlow initialised its thread pools: they run"
@@ -240,8 +240,9 @@ def _asked_instead(asked: dict[str, int | None], running: dict[str, int]) -> str
 
 def _ask_daemon(
     path: Path, declaration: Declaration, initialized: bool, pin_standalone: bool
-) -> tuple[list[int], list[str], str | None]:
-    """The grant; the pools follow once the limits are applied (`_report_pools`)."""
+) -> tuple[list[int], list[str], str | None, bool]:
+    """The grant: (CPUs, notes, the daemon's socket or None, whether to pin this process to
+    the CPUs). The pools follow once the limits are applied (`_report_pools`)."""
     try:
         grant = call(
             path,
@@ -261,8 +262,19 @@ def _ask_daemon(
             _warn_once(f"{why}; sizing the pools to the CPUs asked for, the mask left as it is")
         note = "no daemon" if isinstance(err, DaemonUnreachable) else why
         unpinned = [] if pin_standalone else [f"standalone: not pinned, mask {own}"]
-        return cpus, [f"standalone: {note}", *unpinned], None
-    return list(grant["cpus"]), list(grant["notes"]), str(path)
+        return cpus, [f"standalone: {note}", *unpinned], None, pin_standalone
+    cpus, notes = list(grant["cpus"]), list(grant["notes"])
+    if declaration.cpus and len(cpus) < declaration.cpus:
+        _warn_once(
+            f"granted {len(cpus)} of the {declaration.cpus} CPUs asked for ({'; '.join(notes)})"
+        )
+    if not grant["enforced"]:  # monitor mode: a dry run, for the job's own mask too
+        notes.append("monitor mode: not pinned, the pools sized to the grant")
+        _warn_once(
+            f"corecapd is in monitor mode: the pools are sized to the grant of CPUs {cpus},"
+            " the mask is left as it is"
+        )
+    return cpus, notes, str(path), bool(grant["enforced"])
 
 
 def _apply(plan: Plan, pin: bool) -> None:

@@ -103,6 +103,27 @@ def test_asking_for_a_thousand_cores_gets_a_capped_grant_with_the_reason(
     notes = " ".join(manifest["notes"])  # type: ignore[arg-type]
     assert "asked for 1000 CPUs, rule training allows 4" in notes
     assert "only 1 are eligible" in notes
+    warned = manifest["warnings"]
+    assert isinstance(warned, list) and len(warned) == 1
+    assert warned[0].startswith("corecapd: granted 1 of the 1000 CPUs asked for (asked for 1000")
+
+
+def test_in_monitor_mode_a_registered_job_is_sized_to_its_grant_and_not_pinned(
+    start_daemon: StartDaemon, processes: Processes, marker: str
+) -> None:
+    daemon = start_daemon(
+        daemon={"mode": "monitor", "reserved_cpus": str(CPUS[0])},
+        rules=marked_rule(marker, "training", cpus=4),
+    )
+    job, manifest = run_job(processes, daemon, cpus=1)
+    assert manifest["cpus"] == [JOB_CPU] and manifest["affinity"] == CPUS  # a dry run
+    assert manifest["environment"]["OMP_NUM_THREADS"] == "1"  # type: ignore[index]
+    warned = manifest["warnings"]
+    assert isinstance(warned, list) and len(warned) == 1
+    assert "corecapd is in monitor mode: the pools are sized to the grant" in warned[0]
+    assert "monitor mode: not pinned" in " ".join(manifest["notes"])  # type: ignore[arg-type]
+    assert sorted(os.sched_getaffinity(job.pid)) == CPUS
+    assert daemon.wait_job(job.pid)["cpus"] == [JOB_CPU]
 
 
 def test_a_declaration_wider_than_the_grant_is_accepted_as_oversubscribed(
