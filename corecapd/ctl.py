@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from corecapd import __version__
 from corecapd.client import DaemonUnreachable, call
 from corecapd.cpulist import format_cpulist
 from corecapd.policy import DEFAULT_POLICY_PATH, DEFAULT_SOCKET, PolicyError, load_policy
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"corecapd's socket (default: daemon.socket of {DEFAULT_POLICY_PATH},"
         f" else {DEFAULT_SOCKET})",
     )
+    parser.add_argument("--version", action="version", version=f"corecapctl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     status = commands.add_parser("status", help="jobs, their cores, threads and budgets")
@@ -176,8 +178,8 @@ def format_status(document: dict[str, Any]) -> str:
     reserved = format_cpulist(host["reserved_cpus"]) or "none"
     lines = [
         f"corecapd: mode {host['mode']}, backend {host['backend']}, policy {host['policy']}",
-        f"CPUs for jobs {format_cpulist(host['eligible_cpus'])} (reserved {reserved});"
-        f" {host['jobs']} jobs, {host['violations']} over budget",
+        f"CPUs for jobs: {format_cpulist(host['eligible_cpus'])} (reserved: {reserved});"
+        f" jobs: {host['jobs']}, over budget: {host['violations']}",
     ]
     rows = [
         [

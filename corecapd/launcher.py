@@ -12,14 +12,16 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from corecapd import bench
+from corecapd import __version__, bench
 from corecapd.job import CorecapWarning, grant_environment, register
+from corecapd.policy import DEFAULT_SOCKET
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="corecap", description="Run a job with its threads sized to the cores it is granted."
     )
+    parser.add_argument("--version", action="version", version=f"corecap {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="register, set the environment, exec CMD")
     run.add_argument("--cpus", type=_positive, help="cores to ask for (default: the rule's)")
@@ -27,7 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--inter-op", type=_positive, help="TensorFlow inter-op threads")
     run.add_argument("--data-workers", type=_positive, help="tf.data private pool threads")
     run.add_argument("--blas", type=_positive, help="BLAS / OpenMP threads")
-    run.add_argument("--socket", help="corecapd's socket (default $CORECAP_SOCKET or /run/...)")
+    run.add_argument(
+        "--socket", help=f"corecapd's socket (default: $CORECAP_SOCKET, else {DEFAULT_SOCKET})"
+    )
     run.add_argument("job", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     bench.add_parser(commands)
     args = parser.parse_args(argv)

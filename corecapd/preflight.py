@@ -107,8 +107,8 @@ def check_host(
         )
     else:
         findings.append(
-            f"CPUs: {online} online, {reserved or 'none'} reserved,"
-            f" {format_cpulist(jobs_cpus)} for jobs"
+            f"CPUs online: {online}; reserved: {reserved or 'none'};"
+            f" for jobs: {format_cpulist(jobs_cpus)}"
         )
 
     def changed(key: str) -> bool:

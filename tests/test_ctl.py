@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import PYTHON, Processes, StartDaemon, marked_rule
 
+import corecapd
 from corecapd.cpulist import format_cpulist
 
 ROOT = Path(__file__).parents[1]
@@ -31,13 +32,17 @@ def test_no_daemon_is_a_one_line_error(tmp_path: Path) -> None:
         assert len(lines) == 1 and "cannot reach corecapd" in lines[0] and "none.sock" in lines[0]
 
 
+def test_version() -> None:
+    assert ctl("--version").stdout == f"corecapctl {corecapd.__version__}\n"
+
+
 def test_check_accepts_the_shipped_policy() -> None:
     result = ctl("check", str(ROOT / "etc/corecap.toml"))
     assert result.returncode == 0 and "OK" in result.stdout
     lines = result.stdout.splitlines()
     assert lines[1] == "on this host, as corecapd would start with it:"
     online = format_cpulist(os.sched_getaffinity(0))
-    assert any(line.startswith(f"  CPUs: {online} online, 0 reserved, ") for line in lines)
+    assert any(line.startswith(f"  CPUs online: {online}; reserved: 0; ") for line in lines)
     assert any(line.startswith("  backend: affinity") for line in lines)
 
 
@@ -193,7 +198,7 @@ def test_status_and_violations_tables(
     assert status.returncode == 0
     lines = status.stdout.splitlines()
     assert lines[0].startswith("corecapd: mode enforce, backend affinity")
-    assert "1 jobs, 1 over budget" in lines[1]
+    assert "jobs: 1, over budget: 1" in lines[1]
     header = next(line for line in lines if line.lstrip().startswith("PID"))
     assert header.split() == [
         "PID",

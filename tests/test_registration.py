@@ -14,6 +14,7 @@ from conftest import PYTHON, Daemon, Processes, StartDaemon, marked_rule
 from hypothesis import given
 from hypothesis import strategies as st
 
+from corecapd import __version__
 from corecapd.client import call
 from corecapd.declaration import tensorflow_pools
 from corecapd.diagnosis import THREADING_VARIABLES
@@ -340,6 +341,7 @@ def test_corecap_run_argument_errors() -> None:
         )
 
     assert "give the command after --" in launch("run", "--cpus", "1").stderr
+    assert launch("--version").stdout == f"corecap {__version__}\n"
     assert "expected at least 1" in launch("run", "--cpus", "0", "--", "true").stderr
     missing = launch("run", "--socket", "/nonexistent.sock", "--", "/no/such/program")
     assert missing.returncode == 127 and "cannot run '/no/such/program'" in missing.stderr
