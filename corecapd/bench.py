@@ -43,6 +43,7 @@ from corecapd.cpulist import format_cpulist
 from corecapd.declaration import tensorflow_pools
 from corecapd.diagnosis import THREADING_VARIABLES
 from corecapd.job import MANIFEST_VARIABLE, CorecapWarning, Plan, grant_environment, register
+from corecapd.policy import SOCKET_DEFAULT
 from corecapd.protocol import ProtocolError, RemoteError
 
 REPORT_VERSION = 1
@@ -99,7 +100,7 @@ def add_parser(commands: Any) -> None:
         metavar="SECONDS",
         help="wait this long for cores no other job holds (default: fail at once)",
     )
-    bench.add_argument("--socket", help="corecapd's socket (default $CORECAP_SOCKET or /run/...)")
+    bench.add_argument("--socket", help=f"corecapd's socket (default: {SOCKET_DEFAULT})")
     bench.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
 

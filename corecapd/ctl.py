@@ -14,7 +14,7 @@ from typing import Any
 from corecapd import __version__
 from corecapd.client import DaemonUnreachable, call
 from corecapd.cpulist import format_cpulist
-from corecapd.policy import DEFAULT_POLICY_PATH, DEFAULT_SOCKET, PolicyError, load_policy
+from corecapd.policy import SOCKET_DEFAULT, PolicyError, daemon_socket
 from corecapd.preflight import check_policy_file
 from corecapd.printable import visible, visible_lines
 from corecapd.protocol import ProtocolError, RemoteError
@@ -40,8 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--socket",
         type=Path,
-        help=f"corecapd's socket (default: daemon.socket of {DEFAULT_POLICY_PATH},"
-        f" else {DEFAULT_SOCKET})",
+        help=f"corecapd's socket (default: {SOCKET_DEFAULT})",
     )
     parser.add_argument("--version", action="version", version=f"corecapctl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -90,12 +89,7 @@ def _seconds(text: str) -> float:
 
 
 def _socket(args: argparse.Namespace) -> Path:
-    if args.socket is not None:
-        return Path(args.socket)
-    try:
-        return Path(load_policy(DEFAULT_POLICY_PATH).daemon.socket)
-    except PolicyError:
-        return Path(DEFAULT_SOCKET)
+    return daemon_socket(None if args.socket is None else str(args.socket))
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@
     model.fit(dataset, callbacks=[plan.keras_callback()])
     json.dump(plan.manifest(), open("run/threads.json", "w"))
 
-`register` asks corecapd (at $CORECAP_SOCKET or the default socket) for cores, pins this
+`register` asks corecapd (at `policy.daemon_socket`) for cores, pins this
 process to the grant, and sizes TensorFlow's intra-op and inter-op pools, tf.data, and the
 BLAS / OpenMP pools to it: through the environment for what has not started yet, through
 `tf.config.threading` and threadpoolctl for what has. Without a daemon it applies the same
@@ -46,7 +46,7 @@ from corecapd.declaration import (
     tensorflow_pools,
 )
 from corecapd.diagnosis import THREADING_VARIABLES
-from corecapd.policy import DEFAULT_SOCKET
+from corecapd.policy import daemon_socket
 from corecapd.protocol import ProtocolError, RemoteError
 
 # What `corecap run` leaves in the environment for the library in the job to find.
@@ -196,8 +196,8 @@ def register(
         # the mask or the environment they were sized from, and declare them as they run.
         running = _tensorflow_pools_now() or {}
         declaration = dataclasses.replace(declaration, **running)
-    path = socket or os.environ.get("CORECAP_SOCKET") or DEFAULT_SOCKET
-    granted, notes, daemon, pin = _ask_daemon(Path(path), declaration, initialized, pin_standalone)
+    path = daemon_socket(socket)
+    granted, notes, daemon, pin = _ask_daemon(path, declaration, initialized, pin_standalone)
     settings = resolve(declaration, len(granted))
     plan = Plan(granted, settings, notes, daemon, initialized, running)
     _apply(plan, pin=pin)

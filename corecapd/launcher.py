@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from corecapd import __version__, bench
 from corecapd.job import CorecapWarning, grant_environment, register
-from corecapd.policy import DEFAULT_SOCKET
+from corecapd.policy import SOCKET_DEFAULT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,9 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--inter-op", type=_positive, help="TensorFlow inter-op threads")
     run.add_argument("--data-workers", type=_positive, help="tf.data private pool threads")
     run.add_argument("--blas", type=_positive, help="BLAS / OpenMP threads")
-    run.add_argument(
-        "--socket", help=f"corecapd's socket (default: $CORECAP_SOCKET, else {DEFAULT_SOCKET})"
-    )
+    run.add_argument("--socket", help=f"corecapd's socket (default: {SOCKET_DEFAULT})")
     run.add_argument("job", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     bench.add_parser(commands)
     args = parser.parse_args(argv)

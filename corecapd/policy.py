@@ -29,6 +29,10 @@ DEFAULT_POLICY_PATH = Path("/etc/corecap.toml")
 DEFAULT_SOCKET = "/run/corecap/corecap.sock"
 MAX_POLICY_BYTES = 1 << 20  # a policy is a few kB; a larger file is a mistake (or /dev/zero)
 MAX_SOCKET_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes with its terminating NUL
+# Where the clients (corecapctl, corecap, the job library) look for corecapd: `daemon_socket`.
+SOCKET_DEFAULT = (
+    f"$CORECAP_SOCKET, else daemon.socket of {DEFAULT_POLICY_PATH}, else {DEFAULT_SOCKET}"
+)
 
 Mode = Literal["enforce", "monitor"]
 MODES: tuple[Mode, ...] = ("enforce", "monitor")
@@ -109,6 +113,20 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     users: Mapping[str, UserLimits] = field(default_factory=dict)
     source: str = "<default>"
+
+
+def daemon_socket(given: str | None = None, policy_path: Path = DEFAULT_POLICY_PATH) -> Path:
+    """corecapd's socket for a client: `given` (a --socket), else $CORECAP_SOCKET (what
+    `corecap run` leaves a job), else the `daemon.socket` of the host's policy, else
+    DEFAULT_SOCKET when that policy cannot be read or is not valid. Never raises."""
+    if given:
+        return Path(given)
+    if os.environ.get("CORECAP_SOCKET"):
+        return Path(os.environ["CORECAP_SOCKET"])
+    try:
+        return Path(load_policy(policy_path).daemon.socket)
+    except PolicyError:
+        return Path(DEFAULT_SOCKET)
 
 
 def load_policy(path: Path) -> Policy:

@@ -93,7 +93,8 @@ def register(socket: str | None = None) -> Plan:
     it is registered for that many already (a reused worker, the same count).
 
     Args:
-        socket: corecapd's socket; default $CORECAP_SOCKET, else corecapd's default.
+        socket: corecapd's socket; default `policy.daemon_socket`'s: $CORECAP_SOCKET, else
+            the host policy's daemon.socket, else corecapd's default.
 
     Returns the plan in force (`corecapd.Plan`: the granted CPU ids, the pools' sizes,
     `manifest()`), also given by `plan()`.

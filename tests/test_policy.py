@@ -24,6 +24,7 @@ from corecapd.policy import (
     Match,
     Policy,
     PolicyError,
+    daemon_socket,
     load_policy,
     parse_policy,
 )
@@ -1271,3 +1272,18 @@ def test_valid_random_policies_load_with_their_values(data: dict[str, Any]) -> N
     assert set(policy.users) == set(users)
     for name, limits in users.items():
         assert policy.users[name].max_cpus == limits.get("max_cpus", 8192)
+
+
+def test_clients_find_the_socket_given_then_the_environment_then_the_host_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = write(tmp_path, 'rules = []\n[daemon]\nsocket = "/run/elsewhere/corecap.sock"\n')
+    monkeypatch.delenv("CORECAP_SOCKET", raising=False)
+    assert daemon_socket(None, host) == Path("/run/elsewhere/corecap.sock")
+    assert daemon_socket("/tmp/given.sock", host) == Path("/tmp/given.sock")
+    monkeypatch.setenv("CORECAP_SOCKET", "/tmp/from-env.sock")
+    assert daemon_socket(None, host) == Path("/tmp/from-env.sock")
+    monkeypatch.delenv("CORECAP_SOCKET")
+    host.write_text("[daemon]\nsocket = 3\n")  # not valid: the built-in default, no error
+    assert daemon_socket(None, host) == Path(DEFAULT_SOCKET)
+    assert daemon_socket(None, tmp_path / "missing.toml") == Path(DEFAULT_SOCKET)

@@ -334,6 +334,19 @@ def test_corecap_run_registers_sets_the_environment_and_execs(
     assert status["budget_basis"].startswith("declared")
 
 
+def test_corecapctl_finds_the_daemon_a_job_was_given_in_its_environment(daemon: Daemon) -> None:
+    env = dict(os.environ, CORECAP_SOCKET=str(daemon.socket))  # what `corecap run` leaves
+    shown = subprocess.run(
+        [PYTHON, "-m", "corecapd.ctl", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["host"]["mode"] == "enforce"
+
+
 def test_corecap_run_argument_errors() -> None:
     def launch(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
