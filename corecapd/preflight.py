@@ -9,7 +9,9 @@ once), then what only this host can tell (`check_host`), each problem named by i
 - `daemon.realtime_priority` > 0: SCHED_FIFO at that priority can be had (tried on a
   short-lived thread, which then ends: nothing of the caller changes);
 - `daemon.socket` is absent or a socket (corecapd replaces a stale socket and nothing else),
-  below a directory.
+  below a directory;
+- the users and groups that rules and `[users.NAME]` name exist here: a finding, never an
+  error (an account may come later, or from a directory service), so that a typo shows.
 
 `corecapctl check` runs beside corecapd, not as it: as another user, or outside the service's
 cgroup, a backend or realtime problem may be this process's alone, so it is shown there as
@@ -18,7 +20,9 @@ a finding, not counted as an error (`as_daemon=False`).
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import stat
 import threading
 from dataclasses import dataclass, replace
@@ -159,7 +163,26 @@ def check_host(
             problems.append(f"daemon.socket: {problem}")
         else:
             findings.append(f"socket: {settings.socket}")
+    findings += _unknown_accounts(policy)
     return HostCheck(tuple(problems), tuple(findings), backend, reason)
+
+
+def _unknown_accounts(policy: Policy) -> list[str]:
+    """A finding per user or group named in the policy that this host does not know."""
+    rules = "it matches no process until there is"
+    named = [
+        (f"rules[{index}].match.users ({rule.name})", entry, rules)
+        for index, rule in enumerate(policy.rules)
+        for entry in rule.match.users
+    ] + [(f"users.{name}", name, "the limit holds no one until there is") for name in policy.users]
+    unknown = []
+    for where, entry, effect in named:
+        kind, name = ("group", entry[1:]) if entry.startswith("@") else ("user", entry)
+        try:
+            (grp.getgrnam if kind == "group" else pwd.getpwnam)(name)
+        except KeyError:
+            unknown.append(f"{where}: no {kind} {name!r} on this host: {effect} (a typo?)")
+    return unknown
 
 
 def _caller_caveat() -> str | None:

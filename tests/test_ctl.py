@@ -174,6 +174,26 @@ def test_check_as_another_user_counts_no_problem_that_may_be_its_own(tmp_path: P
     )
 
 
+def test_check_names_users_and_groups_this_host_does_not_have(tmp_path: Path) -> None:
+    policy = tmp_path / "accounts.toml"
+    policy.write_text(
+        '[[rules]]\nname = "training"\n'
+        'match = { exe = ["python*"], users = ["nosuchuser_q", "@nogroup_q", "root", "@root"] }\n'
+        "cpus = 1\n[users.root]\nmax_cpus = 2\n[users.alice_nope]\nmax_cpus = 2\n"
+    )
+    result = ctl("check", str(policy))
+    assert result.returncode == 0, result.stderr  # a finding, not an error
+    found = [line.strip() for line in result.stdout.splitlines() if "on this host:" in line]
+    assert found == [
+        "rules[0].match.users (training): no user 'nosuchuser_q' on this host: it matches no"
+        " process until there is (a typo?)",
+        "rules[0].match.users (training): no group 'nogroup_q' on this host: it matches no"
+        " process until there is (a typo?)",
+        "users.alice_nope: no user 'alice_nope' on this host: the limit holds no one until"
+        " there is (a typo?)",
+    ]
+
+
 def test_check_of_a_missing_file(tmp_path: Path) -> None:
     result = ctl("check", str(tmp_path / "absent.toml"))
     assert result.returncode == 1 and "cannot read policy" in result.stderr
