@@ -54,8 +54,8 @@ class BenchError(Exception):
     """The benchmark cannot run as asked (cores, a command that fails); exit 1."""
 
 
-def whole_number(least: int) -> Callable[[str], int]:
-    """An argparse `type`: a whole number of at least `least`, else a clear error."""
+def whole_number(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: a whole number from `least` (to `most`), else a clear error."""
 
     def parse(text: str) -> int:
         try:
@@ -64,6 +64,8 @@ def whole_number(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"expected at least {least}, got {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"expected at most {most}, got {value}")
         return value
 
     return parse

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from corecapd import __version__
+from corecapd.bench import whole_number
 from corecapd.client import DaemonUnreachable, call
 from corecapd.cpulist import format_cpulist
 from corecapd.policy import SOCKET_DEFAULT, PolicyError, daemon_socket
 from corecapd.preflight import check_policy_file
 from corecapd.printable import visible, visible_lines
-from corecapd.protocol import ProtocolError, RemoteError
+from corecapd.protocol import PID_MAX, ProtocolError, RemoteError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     violations.set_defaults(run=_violations)
 
     explain = commands.add_parser("explain", help="why a job has the threads it has")
-    explain.add_argument("pid", type=int, help="a PID of the job (any of its processes)")
+    explain.add_argument(
+        "pid", type=whole_number(1, PID_MAX), help="a PID of the job (any of its processes)"
+    )
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.set_defaults(run=_explain)
 

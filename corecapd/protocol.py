@@ -29,6 +29,7 @@ from corecapd.declaration import (
     registration_from,
 )
 
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit: no PID is larger
 MAX_LINE = 64 * 1024
 # Arrays and objects inside one request: a register request nests 3 deep
 # ({"pools": [{...}]}); deeper is refused before anything walks it.
@@ -103,11 +104,11 @@ def decode_request(line: bytes) -> Request:
     if extra:
         raise ProtocolError(f"unknown key {extra[0][:64]!r} in {command} request")
     if command == "explain":
-        return Request(command, pid=_count(message, "pid", 1, 1 << 22))
+        return Request(command, pid=_count(message, "pid", 1, PID_MAX))
     if command == "report":
         return _report(message)
     if command == "register":
-        claimed = _count(message, "pid", 1, 1 << 22) if "pid" in message else None
+        claimed = _count(message, "pid", 1, PID_MAX) if "pid" in message else None
         try:
             return Request(command, pid=claimed, registration=registration_from(message))
         except DeclarationError as err:

@@ -36,6 +36,15 @@ def test_version() -> None:
     assert ctl("--version").stdout == f"corecapctl {corecapd.__version__}\n"
 
 
+@pytest.mark.parametrize(
+    ("pid", "error"),
+    [("999999999", "expected at most 4194304, got 999999999"), ("0", "expected at least 1")],
+)
+def test_explain_refuses_what_is_no_pid_before_asking_the_daemon(pid: str, error: str) -> None:
+    result = ctl("--socket", "/nonexistent.sock", "explain", pid)
+    assert result.returncode == 2 and f"argument pid: {error}" in result.stderr
+
+
 def test_check_accepts_the_shipped_policy() -> None:
     result = ctl("check", str(ROOT / "etc/corecap.toml"))
     assert result.returncode == 0 and "OK" in result.stdout

@@ -119,7 +119,7 @@ def test_socket_is_readable_by_any_user_but_reload_needs_root(start_daemon: Star
             [*as_nobody, *ctl, "status"], capture_output=True, text=True, env=env
         )
         assert status.returncode == 0, status.stderr
-        assert "0 jobs" in status.stdout
+        assert "jobs: 0," in status.stdout
         reload = subprocess.run(
             [*as_nobody, *ctl, "reload"], capture_output=True, text=True, env=env
         )
