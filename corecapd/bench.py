@@ -219,6 +219,12 @@ def _cores(cpus: int, socket: str | None, wait: float) -> tuple[Plan, list[str]]
             warnings.simplefilter("always", CorecapWarning)
             plan = register(cpus=cpus, socket=socket)
         said = [str(w.message).removeprefix("corecapd: ") for w in caught]
+        if plan.daemon is not None and not plan.pinned:
+            # monitor mode: the daemon's dry run leaves the mask; a bench runs on its cores
+            os.sched_setaffinity(0, plan.cpus)
+            said.append(
+                f"monitor mode: corecap bench pinned itself to CPUs {format_cpulist(plan.cpus)}"
+            )
         if plan.daemon is None:
             return plan, [
                 *said,

@@ -236,8 +236,9 @@ def diagnose(facts: JobFacts, evidence: Evidence) -> Diagnosis:
     if widest is not None and not oversized and facts.threads > facts.budget:
         hints.append(
             f"the widest layer: {widest.name}, {widest.threads} of the job's {facts.threads}"
-            f" threads{_in_processes(widest)} ({widest.evidence}); no setting sizes it from"
-            " the CPUs: the job's code, or the library that starts them, decides how many"
+            f" threads{_in_processes(widest)} ({widest.evidence}); no setting sizes this layer"
+            " to the CPUs: the job's code (or the library that starts these threads) decides"
+            " how many"
         )
     unknown = [finding for finding in findings if finding.layer == UNKNOWN]
     if unknown:

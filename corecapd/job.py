@@ -7,12 +7,12 @@
     model.fit(dataset, callbacks=[plan.keras_callback()])
     json.dump(plan.manifest(), open("run/threads.json", "w"))
 
-`register` asks corecapd (at `policy.daemon_socket`) for cores, pins this
-process to the grant, and sizes TensorFlow's intra-op and inter-op pools, tf.data, and the
-BLAS / OpenMP pools to it: through the environment for what has not started yet, through
-`tf.config.threading` and threadpoolctl for what has. Without a daemon it applies the same
-settings to the CPUs this process already has, and warns once; so does a daemon that
-refuses (busy: too many connections open).
+`register` asks corecapd (at `policy.daemon_socket`) for cores, pins this process to the
+grant (not when corecapd is in monitor mode, a dry run), and sizes TensorFlow's intra-op and
+inter-op pools, tf.data, and the BLAS / OpenMP pools to it: through the environment for what
+has not started yet, through `tf.config.threading` and threadpoolctl for what has. Without a
+daemon it applies the same settings to the CPUs this process already has, and warns once; so
+does a daemon that refuses (busy: too many connections open).
 
 Every pool size it records or reports is the pool's effective size, the threads it runs:
 TensorFlow's 0 ("let TensorFlow decide") is resolved by `declaration.tensorflow_pools`, and
@@ -37,6 +37,7 @@ from types import ModuleType
 from typing import Any
 
 from corecapd.client import DaemonUnreachable, call
+from corecapd.cpulist import format_cpulist
 from corecapd.declaration import (
     Declaration,
     Pool,
@@ -92,6 +93,9 @@ class Plan:
     # ({"intra_op": n, "inter_op": n}); empty when register() came first.
     tensorflow_threads: dict[str, int] = field(default_factory=dict)
     epoch_threads: list[int] = field(default_factory=list)
+    # Whether this process was pinned to `cpus`: not by a daemon in monitor mode (a dry
+    # run), nor standalone with pin_standalone=False.
+    pinned: bool = True
 
     def tensorflow_pools(self) -> dict[str, int] | None:
         """The threads TensorFlow's intra-op and inter-op pools run (or will run, once its
@@ -199,7 +203,7 @@ def register(
     path = daemon_socket(socket)
     granted, notes, daemon, pin = _ask_daemon(path, declaration, initialized, pin_standalone)
     settings = resolve(declaration, len(granted))
-    plan = Plan(granted, settings, notes, daemon, initialized, running)
+    plan = Plan(granted, settings, notes, daemon, initialized, running, pinned=pin)
     _apply(plan, pin=pin)
     if running:
         message = (
@@ -270,10 +274,11 @@ def _ask_daemon(
         )
     if not grant["enforced"]:  # monitor mode: a dry run, for the job's own mask too
         notes.append("monitor mode: not pinned, the pools sized to the grant")
-        _warn_once(
-            f"corecapd is in monitor mode: the pools are sized to the grant of CPUs {cpus},"
-            " the mask is left as it is"
-        )
+        if not os.environ.get("CORECAP_CPUS"):  # else `corecap run` said it before the exec
+            _warn_once(
+                f"monitor mode: the pools are sized to the grant of CPUs {format_cpulist(cpus)},"
+                " the mask is left as it is"
+            )
     return cpus, notes, str(path), bool(grant["enforced"])
 
 

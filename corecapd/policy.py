@@ -404,7 +404,7 @@ def _regex(where: str, value: object) -> regex.Pattern[str]:
 def _users(where: str, value: object) -> tuple[str, ...]:
     names = _string_list(where, value)
     for index, name in enumerate(names):
-        if name == "@" or any(c.isspace() for c in name):
+        if name == "@" or any(c.isspace() or c == "\0" for c in name):
             raise _SchemaError(
                 f'{where}[{index}]: expected a user name or "@group", found {shown(name)}'
             )
@@ -511,6 +511,11 @@ def _build_policy(root: _Table, source: str) -> Policy:
     users_table = root.subtable("users")
     for name in users_table.data:
         limits = users_table.subtable(name)
+        if not name or name.startswith("@") or any(c.isspace() or c == "\0" for c in name):
+            users_table.error(
+                f"{users_table.where(name)}: expected a user name, found {shown(name)}"
+            )
+            continue
         users[name] = UserLimits(max_cpus=limits.get("max_cpus", _integer(1, MAX_CPUS), MAX_CPUS))
         limits.finish()
 

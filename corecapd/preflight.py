@@ -163,12 +163,15 @@ def check_host(
             problems.append(f"daemon.socket: {problem}")
         else:
             findings.append(f"socket: {settings.socket}")
-    findings += _unknown_accounts(policy)
+    if not as_daemon:  # the daemon has no use for it, and a directory service can be slow
+        findings += _unknown_accounts(policy)
     return HostCheck(tuple(problems), tuple(findings), backend, reason)
 
 
 def _unknown_accounts(policy: Policy) -> list[str]:
-    """A finding per user or group named in the policy that this host does not know."""
+    """A finding per user or group named in the policy that this host does not know. A
+    number is a user or group without a name (`procfs` names those by their id); the
+    `[users.NAME]` limits are per user, never per group (`core`)."""
     rules = "it matches no process until there is"
     named = [
         (f"rules[{index}].match.users ({rule.name})", entry, rules)
@@ -177,9 +180,12 @@ def _unknown_accounts(policy: Policy) -> list[str]:
     ] + [(f"users.{name}", name, "the limit holds no one until there is") for name in policy.users]
     unknown = []
     for where, entry, effect in named:
-        kind, name = ("group", entry[1:]) if entry.startswith("@") else ("user", entry)
+        group = entry.startswith("@") and not where.startswith("users.")
+        kind, name = ("group", entry[1:]) if group else ("user", entry)
+        if name.isdigit():
+            continue
         try:
-            (grp.getgrnam if kind == "group" else pwd.getpwnam)(name)
+            (grp.getgrnam if group else pwd.getpwnam)(name)
         except KeyError:
             unknown.append(f"{where}: no {kind} {name!r} on this host: {effect} (a typo?)")
     return unknown

@@ -29,7 +29,7 @@ from corecapd.declaration import (
     registration_from,
 )
 
-PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit: no PID is larger
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit: every PID is below it
 MAX_LINE = 64 * 1024
 # Arrays and objects inside one request: a register request nests 3 deep
 # ({"pools": [{...}]}); deeper is refused before anything walks it.

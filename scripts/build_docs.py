@@ -248,6 +248,16 @@ def corecapctl_page() -> str:
                 ),
             ),
             (
+                "ENVIRONMENT",
+                items(
+                    (
+                        "CORECAP_SOCKET",
+                        "corecapd's socket when --socket is not given (set by corecap run for"
+                        f" its job), before the policy's daemon.socket and {SOCKET}.",
+                    ),
+                ),
+            ),
+            (
                 "FILES",
                 items(
                     (
@@ -270,7 +280,8 @@ def corecap_page() -> str:
         paragraphs(
             "corecap run registers with corecapd, which grants the job cores (at most what"
             " was asked, the rule's cpus, the user's max_cpus and what the host has), pins"
-            " the process to them, sets the threading variables of TensorFlow, OpenMP and"
+            " the process to them (not when corecapd is in monitor mode, a dry run), sets"
+            " the threading variables of TensorFlow, OpenMP and"
             " BLAS from the grant, and execs CMD, which keeps the registration (same PID)."
             " In the job, import corecapd and corecapd.register() find the grant in the"
             " environment.",
@@ -296,7 +307,8 @@ def corecap_page() -> str:
                 items(
                     (
                         "CORECAP_SOCKET",
-                        f"corecapd's socket when --socket is not given (else {SOCKET}).",
+                        "corecapd's socket when --socket is not given (else the daemon.socket"
+                        f" of {DEFAULT_POLICY_PATH}, else {SOCKET}).",
                     ),
                     (
                         variables,

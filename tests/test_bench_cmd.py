@@ -247,3 +247,24 @@ def test_bench_argument_errors(args: list[str], error: str) -> None:
 def test_summary_median_iqr_and_range() -> None:
     assert summary([3.0, 1.0, 2.0, 4.0, 5.0]) == {"median": 3.0, "iqr": 2.0, "min": 1.0, "max": 5.0}
     assert summary([2.0]) == {"median": 2.0, "iqr": 0.0, "min": 2.0, "max": 2.0}
+
+
+def test_in_monitor_mode_bench_pins_itself_to_the_grant(
+    start_daemon: StartDaemon, processes: Processes, marker: str, tmp_path: Path
+) -> None:
+    daemon = start_daemon(
+        daemon={"mode": "monitor", "reserved_cpus": str(CPUS[0])},
+        rules=marked_rule(marker, "holder", cpus=1),
+    )
+    affinity = tmp_path / "affinity"
+    probe = f"import os; open({str(affinity)!r}, 'a').write(str(sorted(os.sched_getaffinity(0))))"
+    done, report, _ = bench(
+        processes,
+        tmp_path,
+        *("--cpus", "1", "--warmup", "0", "--repeats", "1", "--", PYTHON, "-c", probe, marker),
+        socket=daemon.socket,
+    )
+    assert done.returncode == 0, done.stderr
+    assert report is not None and report["cpus"] == [JOB_CPU]
+    assert affinity.read_text() == str([JOB_CPU])  # measured on its grant, not the host
+    assert any("corecap bench pinned itself" in w for w in report["warnings"]), report

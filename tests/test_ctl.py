@@ -187,7 +187,8 @@ def test_check_names_users_and_groups_this_host_does_not_have(tmp_path: Path) ->
     policy = tmp_path / "accounts.toml"
     policy.write_text(
         '[[rules]]\nname = "training"\n'
-        'match = { exe = ["python*"], users = ["nosuchuser_q", "@nogroup_q", "root", "@root"] }\n'
+        'match = { exe = ["python*"], users = ["nosuchuser_q", "@nogroup_q", "root", "@root",'
+        ' "4242", "@4242"] }\n'  # a number: an account without a name, never reported
         "cpus = 1\n[users.root]\nmax_cpus = 2\n[users.alice_nope]\nmax_cpus = 2\n"
     )
     result = ctl("check", str(policy))

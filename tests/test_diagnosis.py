@@ -106,7 +106,7 @@ def test_over_budget_with_no_layer_oversized_names_the_widest_unchecked_layer() 
     assert not diagnosis.oversized
     assert diagnosis.summary().startswith(
         "the widest layer: python-threading, 20 of the job's 21 threads (start routine in"
-        " libpython3.11.so); no setting sizes it from the CPUs"
+        " libpython3.11.so); no setting sizes this layer to the CPUs"
     )
     within = replace(over, threads=14)
     assert not any("widest" in hint for hint in diagnose(within, evidence(found)).hints)

@@ -120,7 +120,7 @@ def test_a_job_over_budget_on_threads_no_setting_sizes_is_told_its_widest_layer(
     assert onset["diagnosis"].startswith(
         "the widest layer: python-threading, 20 of the job's 21 threads ("
     ), onset["diagnosis"]
-    assert "no setting sizes it from the CPUs" in onset["diagnosis"]
+    assert "no setting sizes this layer to the CPUs" in onset["diagnosis"]
     explained = daemon.call("explain", pid=job.pid)
     assert explained["hints"][0] == onset["diagnosis"]
     job.kill()

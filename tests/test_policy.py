@@ -1235,7 +1235,7 @@ GOOD_POLICY_DATA = st.fixed_dictionaries(
             },
         ),
         "users": st.dictionaries(
-            _GOOD_USERS,
+            _GOOD_USERS.filter(lambda name: not name.startswith("@")),  # limits are per user
             st.fixed_dictionaries({}, optional={"max_cpus": st.integers(1, 8192)}),
             max_size=3,
         ),
@@ -1283,7 +1283,31 @@ def test_clients_find_the_socket_given_then_the_environment_then_the_host_policy
     assert daemon_socket("/tmp/given.sock", host) == Path("/tmp/given.sock")
     monkeypatch.setenv("CORECAP_SOCKET", "/tmp/from-env.sock")
     assert daemon_socket(None, host) == Path("/tmp/from-env.sock")
+    assert daemon_socket("/tmp/given.sock", host) == Path("/tmp/given.sock")
     monkeypatch.delenv("CORECAP_SOCKET")
     host.write_text("[daemon]\nsocket = 3\n")  # not valid: the built-in default, no error
     assert daemon_socket(None, host) == Path(DEFAULT_SOCKET)
     assert daemon_socket(None, tmp_path / "missing.toml") == Path(DEFAULT_SOCKET)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            '[[rules]]\nname = "x"\nmatch = { users = ["a\\u0000b"] }\ncpus = 1\n',
+            "rules[0].match.users[0]: expected a user name or \"@group\", found 'a\\x00b'",
+        ),
+        (
+            'rules = []\n[users."a\\u0000b"]\nmax_cpus = 2\n',
+            "expected a user name, found 'a\\x00b'",
+        ),
+        (
+            'rules = []\n[users."@staff"]\nmax_cpus = 2\n',
+            "users.@staff: expected a user name, found '@staff'",
+        ),
+    ],
+)
+def test_an_account_name_no_host_can_have_is_refused(tmp_path: Path, text: str, error: str) -> None:
+    with pytest.raises(PolicyError) as raised:
+        load_policy(write(tmp_path, text))
+    assert error in str(raised.value)

@@ -121,7 +121,7 @@ def test_in_monitor_mode_a_registered_job_is_sized_to_its_grant_and_not_pinned(
     assert manifest["environment"]["OMP_NUM_THREADS"] == "1"  # type: ignore[index]
     warned = manifest["warnings"]
     assert isinstance(warned, list) and len(warned) == 1
-    assert "corecapd is in monitor mode: the pools are sized to the grant" in warned[0]
+    assert warned[0].startswith("corecapd: monitor mode: the pools are sized to the grant of CPUs")
     assert "monitor mode: not pinned" in " ".join(manifest["notes"])  # type: ignore[arg-type]
     assert sorted(os.sched_getaffinity(job.pid)) == CPUS
     assert daemon.wait_job(job.pid)["cpus"] == [JOB_CPU]

@@ -328,6 +328,7 @@ run() {  # $1 = shell command(s), run as root in the guest from /mnt/src
     if ((try == 1)) && grep -q 'Kernel panic - not syncing' "$dir/console.log" 2>/dev/null; then
       cp "$dir/console.log" "$VMDIR/panic-console.log"
       log "the guest kernel panicked (console: $VMDIR/panic-console.log); booting once more"
+      echo "--- boot 2 (after a guest kernel panic) ---"
       continue
     fi
     log "console: $VMDIR/last-console.log"
