@@ -486,7 +486,7 @@ def test_top_without_a_terminal_prints_the_status_table_and_once_one_frame(
         assert piped.returncode == 0, piped.stderr
         table = piped.stdout.splitlines()
         assert table[0].startswith("corecapd: mode enforce, backend affinity")
-        assert "2 jobs, 1 over budget" in table[1]
+        assert "jobs: 2, over budget: 1" in table[1]
         header = "PID USER RULE CPUS THREADS/BUDGET CPU% STATE AGE"
         assert table[3].split() == header.split()
         assert {line.split()[0] for line in table[4:]} == {str(busy.pid), str(calm.pid)}
