@@ -401,10 +401,15 @@ def _regex(where: str, value: object) -> regex.Pattern[str]:
         raise _SchemaError(f"{where}: regular expression too large or nested too deeply") from None
 
 
+def _account_name(name: str) -> bool:
+    """Whether a user or group could have `name`: not empty, no space, no NUL."""
+    return bool(name) and not any(c.isspace() or c == "\0" for c in name)
+
+
 def _users(where: str, value: object) -> tuple[str, ...]:
     names = _string_list(where, value)
     for index, name in enumerate(names):
-        if name == "@" or any(c.isspace() or c == "\0" for c in name):
+        if not _account_name(name.removeprefix("@")):
             raise _SchemaError(
                 f'{where}[{index}]: expected a user name or "@group", found {shown(name)}'
             )
@@ -511,7 +516,7 @@ def _build_policy(root: _Table, source: str) -> Policy:
     users_table = root.subtable("users")
     for name in users_table.data:
         limits = users_table.subtable(name)
-        if not name or name.startswith("@") or any(c.isspace() or c == "\0" for c in name):
+        if name.startswith("@") or not _account_name(name):  # limits are per user
             users_table.error(
                 f"{users_table.where(name)}: expected a user name, found {shown(name)}"
             )

@@ -170,8 +170,7 @@ def check_host(
 
 def _unknown_accounts(policy: Policy) -> list[str]:
     """A finding per user or group named in the policy that this host does not know. A
-    number is a user or group without a name (`procfs` names those by their id); the
-    `[users.NAME]` limits are per user, never per group (`core`)."""
+    number is a user or group without a name (`procfs` names those by their id)."""
     rules = "it matches no process until there is"
     named = [
         (f"rules[{index}].match.users ({rule.name})", entry, rules)
@@ -180,7 +179,7 @@ def _unknown_accounts(policy: Policy) -> list[str]:
     ] + [(f"users.{name}", name, "the limit holds no one until there is") for name in policy.users]
     unknown = []
     for where, entry, effect in named:
-        group = entry.startswith("@") and not where.startswith("users.")
+        group = entry.startswith("@")  # never in [users]: the schema refuses it there
         kind, name = ("group", entry[1:]) if group else ("user", entry)
         if name.isdigit():
             continue
